@@ -1,0 +1,304 @@
+//! The embedded default: the whole pipeline in this process, with the SQLite store and an
+//! in-process queue, resuming the environment's unfinished run when there is one.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use relink_shared::event::StageEvent;
+use relink_shared::http::{Http, HttpConnector, RetryPolicy};
+use relink_shared::model::{Run, RunOptions, RunStatus, Stage, StageStatus, Trigger};
+use relink_shared::pipeline::{Engine, local_owner, owner_is_gone};
+use relink_shared::ports::{ProgressStore, StageQueue};
+use relink_shared::progress::ProgressSink;
+use relink_shared::queue_mem::MemQueue;
+use relink_shared::registry::Registry;
+use relink_shared::stages::ManualReset;
+use relink_shared::store_sqlite::SqliteStore;
+use relink_shared::{Error, Result};
+
+use crate::display::{self, Display};
+
+/// A stage's hold on its environment, renewed every third of it while the stage runs.
+const LEASE: Duration = Duration::from_secs(30);
+
+/// What `relink run` was asked to do.
+pub struct RunRequest {
+    pub env: Option<String>,
+    pub event: Option<PathBuf>,
+    pub dry_run: bool,
+    pub force: bool,
+    pub from_stage: Option<String>,
+}
+
+/// The adapters of one embedded invocation.
+pub struct Embedded {
+    pub registry: Registry,
+    pub store: SqliteStore,
+    pub sink: Arc<dyn ProgressSink>,
+    connector: HttpConnector,
+}
+
+impl Embedded {
+    /// Wires the registry, the store file and the HTTP clients.
+    pub fn open(registry: Registry, store: &Path, sink: Arc<dyn ProgressSink>) -> Result<Embedded> {
+        let store = SqliteStore::open(store)?;
+        let http = Arc::new(Http::new(RetryPolicy::default(), sink.clone())?);
+        Ok(Embedded {
+            registry,
+            store,
+            sink,
+            connector: HttpConnector::new(http),
+        })
+    }
+
+    fn engine<'a>(&'a self, queue: &'a MemQueue) -> Engine<'a> {
+        Engine {
+            registry: &self.registry,
+            store: &self.store,
+            queue,
+            connector: &self.connector,
+            reset: &ManualReset,
+            sink: self.sink.as_ref(),
+            owner: local_owner(),
+            lease: LEASE,
+            handover_grace: LEASE,
+        }
+    }
+
+    /// Runs (or resumes) the pipeline for the request and returns the run as recorded.
+    pub async fn run(&self, req: RunRequest) -> Result<Run> {
+        let event = match &req.event {
+            Some(path) => StageEvent::parse(&read_event(path)?)?,
+            None => {
+                let env = req.env.clone().ok_or_else(|| {
+                    Error::Config(
+                        "name the environment: relink run ENV (or pass --event FILE)".into(),
+                    )
+                })?;
+                StageEvent::manual(
+                    &env,
+                    RunOptions {
+                        dry_run: req.dry_run,
+                        force: req.force,
+                    },
+                )
+            }
+        };
+        self.registry.get(&event.environment_id)?;
+        let queue = MemQueue::default();
+        let engine = self.engine(&queue);
+        let first = match self.start_event(&event, &req).await? {
+            Start::Event(ev) => ev,
+            Start::Report(run) => return Ok(run),
+        };
+        let run_id = first.run_id.clone().expect("start events carry a run id");
+        queue.send(&first).await?;
+        while let Some(ev) = queue.pop() {
+            match engine.handle(&ev).await {
+                Ok(_) => {}
+                Err(e @ Error::LockHeld { .. }) => return Err(e),
+                Err(e) if e.is_retryable() => {
+                    eprintln!("error: {e}");
+                    return engine.abandon(&run_id, &e).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.store
+            .get_run(&run_id)
+            .await?
+            .ok_or(Error::RunNotFound(run_id))
+    }
+
+    /// Decides where to start: the unfinished run of the environment, or a new run.
+    async fn start_event(&self, event: &StageEvent, req: &RunRequest) -> Result<Start> {
+        if event.run_id.is_some() {
+            return Ok(Start::Event(event.clone()));
+        }
+        let env = &event.environment_id;
+        if let Some(latest) = self.store.latest_run(env).await? {
+            match latest.status {
+                RunStatus::AwaitingConfirmation => return Ok(Start::Report(latest)),
+                RunStatus::Pending | RunStatus::Running => {
+                    if req.from_stage.is_some() {
+                        return Err(Error::Config(format!(
+                            "environment `{env}` has an unfinished run {}; run `relink run {env}` to resume it before starting another with --from-stage",
+                            latest.run_id
+                        )));
+                    }
+                    if latest.options != event.options {
+                        return Err(Error::Config(format!(
+                            "environment `{env}` has an unfinished run {} started with dry_run = {}, force = {}; run relink again with the same flags to resume it",
+                            latest.run_id, latest.options.dry_run, latest.options.force
+                        )));
+                    }
+                    self.wait_for_dead_holder(env, &latest).await?;
+                    eprintln!("resuming unfinished run {} of {env}", latest.run_id);
+                    let stage = latest.next_stage().unwrap_or(Stage::ResetLink);
+                    return Ok(Start::Event(event.for_stage(&latest.run_id, stage)));
+                }
+                _ => {}
+            }
+        }
+        let run_id = ulid::Ulid::new().to_string();
+        let Some(from) = &req.from_stage else {
+            return Ok(Start::Event(
+                event.for_stage(&run_id, Stage::DetectMismatch),
+            ));
+        };
+        let from = Stage::parse(from)?;
+        let mut run = Run::new(
+            run_id.clone(),
+            env.clone(),
+            event.options,
+            Trigger {
+                source: "manual".into(),
+                ..event.trigger.clone()
+            },
+        );
+        for s in Stage::ALL.into_iter().take_while(|s| *s != from) {
+            run.set_stage(s, StageStatus::Skipped)?;
+            run.set_outcome(
+                s,
+                serde_json::json!({"skipped_by": format!("--from-stage {from}")}),
+            );
+        }
+        self.store.create_run(&run).await?;
+        Ok(Start::Event(event.for_stage(&run_id, from)))
+    }
+
+    /// Waits until no live process holds the run: a dead local holder is released at once, a
+    /// holder that cannot be checked (another host) is waited for until its lease lapses.
+    async fn wait_for_dead_holder(&self, env: &str, run: &Run) -> Result<()> {
+        let mut told = false;
+        loop {
+            let Some(lock) = self.store.get_lock(env).await? else {
+                return Ok(());
+            };
+            let now = jiff::Timestamp::now();
+            if lock.lease_until <= now {
+                return Ok(());
+            }
+            let Some(owner) = &lock.owner else {
+                return Ok(());
+            };
+            if lock.run_id == run.run_id && owner_is_gone(owner) == Some(true) {
+                self.store
+                    .handover_lock(env, &lock.run_id, owner, Duration::ZERO)
+                    .await?;
+                return Ok(());
+            }
+            if owner_is_gone(owner) == Some(false) {
+                return Err(Error::LockHeld {
+                    environment: env.into(),
+                    holder: format!("{} (process {} is still running it)", lock.run_id, owner.0),
+                    until: lock.lease_until.to_string(),
+                });
+            }
+            if !told {
+                eprintln!(
+                    "run {} of {env} is held by {} until {}; waiting for the lease to lapse",
+                    lock.run_id, owner.0, lock.lease_until
+                );
+                told = true;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Confirms a manual reset: verify and finish.
+    pub async fn confirm(&self, run_id: &str) -> Result<Run> {
+        let queue = MemQueue::default();
+        self.engine(&queue).confirm(run_id).await
+    }
+}
+
+enum Start {
+    Event(StageEvent),
+    Report(Run),
+}
+
+fn read_event(path: &Path) -> Result<String> {
+    let mut body = String::new();
+    let res = if path == Path::new("-") {
+        std::io::stdin().read_to_string(&mut body).map(|_| ())
+    } else {
+        std::fs::read_to_string(path).map(|b| body = b)
+    };
+    res.map_err(|e| Error::Config(format!("cannot read event {}: {e}", path.display())))?;
+    Ok(body)
+}
+
+/// `relink run`.
+pub async fn run(config: &Path, store: &Path, req: RunRequest) -> Result<Run> {
+    let registry = Registry::load(config)?;
+    Embedded::open(registry, store, Arc::new(Display::new()))?
+        .run(req)
+        .await
+}
+
+/// `relink confirm`.
+pub async fn confirm(config: &Path, store: &Path, run_id: &str) -> Result<Run> {
+    let registry = Registry::load(config)?;
+    Embedded::open(registry, store, Arc::new(Display::new()))?
+        .confirm(run_id)
+        .await
+}
+
+/// `relink status`: prints runs and returns exit code 0.
+pub async fn status(
+    store: &Path,
+    env: Option<&str>,
+    run_id: Option<&str>,
+    json: bool,
+    limit: usize,
+) -> Result<u8> {
+    if !store.exists() {
+        return Err(Error::Config(format!(
+            "no progress store at {}: nothing has run here yet (or pass --store)",
+            store.display()
+        )));
+    }
+    let store = SqliteStore::open(store)?;
+    let runs: Vec<Run> = match (run_id, env) {
+        (Some(id), _) => vec![
+            store
+                .get_run(id)
+                .await?
+                .ok_or_else(|| Error::RunNotFound(id.into()))?,
+        ],
+        (None, Some(env)) => store.latest_run(env).await?.into_iter().collect(),
+        (None, None) => store.recent_runs(limit).await?,
+    };
+    let single = run_id.is_some() || env.is_some();
+    if json {
+        let value = if single {
+            runs.first()
+                .map(display::run_json)
+                .unwrap_or(serde_json::Value::Null)
+        } else {
+            serde_json::Value::Array(runs.iter().map(display::run_json).collect())
+        };
+        println!("{}", serde_json::to_string_pretty(&value).expect("json"));
+    } else if runs.is_empty() {
+        println!(
+            "no runs recorded{}",
+            env.map(|e| format!(" for {e}")).unwrap_or_default()
+        );
+    } else if single {
+        print!("{}", display::run_text(&runs[0]));
+    } else {
+        for r in &runs {
+            println!(
+                "{}  {:<24} {:<22} {}",
+                r.run_id,
+                r.environment_id,
+                r.status.as_str(),
+                r.updated_at
+            );
+        }
+    }
+    Ok(crate::exit::OK)
+}

@@ -1,0 +1,216 @@
+//! `relink`: the operator CLI. `run` executes the whole pipeline in this process with the
+//! embedded store (SQLite) and an in-process queue; `confirm`, `status`, `sim` and `demo`
+//! complete it. Results go to stdout, progress and logs to stderr.
+
+mod demo;
+mod display;
+mod embedded;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use relink_shared::Error;
+use relink_shared::model::{Run, RunStatus};
+
+/// Exit codes (ARCHITECTURE.md): 0 succeeded or skipped, 1 failed, 2 usage or configuration
+/// error, 3 awaiting confirmation, 4 refused by a guard.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILED: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const AWAITING: u8 = 3;
+    pub const REFUSED: u8 = 4;
+}
+
+#[derive(Parser)]
+#[command(
+    name = "relink",
+    version,
+    about = "Relink Dynamics 365 dual-write after an F&O environment is restored, refreshed or copied"
+)]
+struct Cli {
+    /// The registry of environments.
+    #[arg(
+        long,
+        global = true,
+        default_value = "./relink.toml",
+        env = "RELINK_CONFIG"
+    )]
+    config: PathBuf,
+    /// The embedded progress store (SQLite file).
+    #[arg(
+        long,
+        global = true,
+        default_value = "./relink.db",
+        env = "RELINK_STORE"
+    )]
+    store: PathBuf,
+    /// Log lines as JSON (for pipelines); the level comes from RELINK_LOG (default warn).
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Relink an environment: detect, purge F&O keys, clear Dataverse configs, reset (manual gate).
+    /// Resumes the environment's unfinished run if there is one.
+    Run {
+        /// The environment (a key of relink.toml). Omit when --event is given.
+        env: Option<String>,
+        /// Take a v1 queue event (JSON) from this file, or `-` for stdin, instead of ENV and flags.
+        #[arg(long, conflicts_with_all = ["env", "dry_run", "force", "from_stage"])]
+        event: Option<PathBuf>,
+        /// Walk every stage and report what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Go on even when detection finds the link already clean.
+        #[arg(long)]
+        force: bool,
+        /// Start a new run at this stage (earlier stages are recorded as skipped; the guards still run).
+        #[arg(long, value_name = "STAGE")]
+        from_stage: Option<String>,
+        /// Print the final run as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Confirm that the link was reset by hand; relink verifies it and finishes the run.
+    Confirm {
+        run_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show runs: the environment's latest, one run, or recent runs.
+    Status {
+        env: Option<String>,
+        #[arg(long = "run", value_name = "RUN_ID")]
+        run_id: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// How many recent runs to list.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Serve the Entra ID, Dataverse and F&O simulators on 127.0.0.1 until interrupted.
+    Sim {
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Seed file (JSON, see `relink_sim::Seed`).
+        #[arg(long)]
+        seed: Option<PathBuf>,
+        /// Faults file (JSON, see `relink_sim::Faults`).
+        #[arg(long)]
+        faults: Option<PathBuf>,
+    },
+    /// Start the simulators, seed a restored environment linked to the wrong organisation and
+    /// relink it end to end, explaining each step.
+    Demo {
+        /// Keep the demo's registry and store (printed) instead of deleting them.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_json);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let code = runtime.block_on(dispatch(cli));
+    ExitCode::from(code)
+}
+
+fn init_logs(json: bool) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("RELINK_LOG").unwrap_or_else(|_| "warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn dispatch(cli: Cli) -> u8 {
+    let result = match cli.command {
+        Command::Run {
+            env,
+            event,
+            dry_run,
+            force,
+            from_stage,
+            json,
+        } => {
+            let req = embedded::RunRequest {
+                env,
+                event,
+                dry_run,
+                force,
+                from_stage,
+            };
+            embedded::run(&cli.config, &cli.store, req)
+                .await
+                .map(|run| report(&run, json))
+        }
+        Command::Confirm { run_id, json } => embedded::confirm(&cli.config, &cli.store, &run_id)
+            .await
+            .map(|run| report(&run, json)),
+        Command::Status {
+            env,
+            run_id,
+            json,
+            limit,
+        } => embedded::status(&cli.store, env.as_deref(), run_id.as_deref(), json, limit).await,
+        Command::Sim { port, seed, faults } => demo::serve(port, seed, faults).await,
+        Command::Demo { keep } => demo::run(keep).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            error_code(&e)
+        }
+    }
+}
+
+/// The exit code for an error that stopped a command before a run recorded it.
+pub fn error_code(e: &Error) -> u8 {
+    match e {
+        Error::BadEvent(_)
+        | Error::Config(_)
+        | Error::UnknownEnvironment(_)
+        | Error::RunNotFound(_)
+        | Error::InvalidState(_) => exit::USAGE,
+        Error::Refused(_) => exit::REFUSED,
+        _ => exit::FAILED,
+    }
+}
+
+/// The exit code of a run's status.
+pub fn status_code(status: RunStatus) -> u8 {
+    match status {
+        RunStatus::Succeeded | RunStatus::Skipped => exit::OK,
+        RunStatus::AwaitingConfirmation => exit::AWAITING,
+        RunStatus::Refused => exit::REFUSED,
+        RunStatus::Failed | RunStatus::Pending | RunStatus::Running => exit::FAILED,
+    }
+}
+
+/// Prints a run's result on stdout and returns its exit code.
+fn report(run: &Run, json: bool) -> u8 {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&display::run_json(run)).expect("json")
+        );
+    } else {
+        print!("{}", display::run_text(run));
+    }
+    status_code(run.status)
+}

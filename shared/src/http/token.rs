@@ -1,0 +1,116 @@
+//! Microsoft Entra ID client-credentials tokens, cached per scope until shortly before expiry.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+use url::Url;
+
+use super::{Http, Service};
+use crate::error::{Error, Result};
+use crate::ports::TokenSource;
+use crate::registry::{Secret, join};
+
+const ENTRA: Service = Service {
+    name: "Entra ID",
+    auth_hint: "check tenant_id, client_id and the client secret of the app registration (secrets expire; the secret is read from the variable named in relink.toml)",
+};
+
+/// Tokens are refreshed this long before they expire.
+const REFRESH_MARGIN: Duration = Duration::from_secs(300);
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    expires_in: u64,
+}
+
+/// Client-credentials token source for one app registration in one tenant.
+pub struct EntraTokens {
+    http: Arc<Http>,
+    endpoint: Url,
+    client_id: String,
+    secret: Secret,
+    cache: Mutex<HashMap<String, (String, Instant)>>,
+}
+
+impl EntraTokens {
+    /// Tokens from `{authority}/{tenant}/oauth2/v2.0/token`.
+    pub fn new(
+        http: Arc<Http>,
+        authority: &Url,
+        tenant: &str,
+        client_id: &str,
+        secret: Secret,
+    ) -> EntraTokens {
+        EntraTokens {
+            http,
+            endpoint: join(authority, &format!("{tenant}/oauth2/v2.0/token")),
+            client_id: client_id.to_string(),
+            secret,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+#[async_trait]
+impl TokenSource for EntraTokens {
+    async fn token(&self, scope: &str) -> Result<String> {
+        // Holding the lock across the fetch makes concurrent callers share one token request.
+        let mut cache = self.cache.lock().await;
+        if let Some((token, refresh_at)) = cache.get(scope)
+            && Instant::now() < *refresh_at
+        {
+            return Ok(token.clone());
+        }
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", self.client_id.as_str()),
+            ("client_secret", self.secret.expose()),
+            ("scope", scope),
+        ];
+        let build = |_: Option<&str>| self.http.client().post(self.endpoint.clone()).form(&form);
+        let resp = self
+            .http
+            .send(ENTRA, None, &build)
+            .await
+            .map_err(|e| match e {
+                // Entra answers a wrong secret or client with 400/401 `invalid_client`.
+                Error::Http {
+                    status: 400,
+                    detail,
+                    ..
+                } => Error::Auth {
+                    service: ENTRA.name,
+                    status: 400,
+                    detail: format!(": {detail}"),
+                    hint: ENTRA.auth_hint,
+                },
+                other => other,
+            })?;
+        if resp.status().as_u16() == 404 {
+            return Err(Error::Config(format!(
+                "the token endpoint {} does not exist (404): check `authority` and `tenant_id`",
+                self.endpoint
+            )));
+        }
+        let body: TokenResponse = resp.json().await.map_err(|e| Error::Protocol {
+            service: ENTRA.name,
+            detail: format!("token response: {e}"),
+        })?;
+        let lifetime = Duration::from_secs(body.expires_in);
+        // Short-lived tokens (tests) refresh at half their life instead of five minutes early.
+        let margin = REFRESH_MARGIN.min(lifetime / 2);
+        let refresh_at = Instant::now() + lifetime - margin;
+        cache.insert(scope.to_string(), (body.access_token.clone(), refresh_at));
+        Ok(body.access_token)
+    }
+
+    async fn invalidate(&self, scope: &str) {
+        self.cache.lock().await.remove(scope);
+    }
+}

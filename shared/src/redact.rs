@@ -1,0 +1,76 @@
+//! Removes secret-bearing fields from rows before they are archived or shown.
+
+use serde_json::Value;
+
+/// Replacement for a redacted value.
+pub const REDACTED: &str = "***redacted***";
+
+/// Whether a column name suggests it holds a secret (connection strings, SAS, keys, passwords).
+pub fn is_secret_field(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    [
+        "connectionstring",
+        "sas",
+        "secret",
+        "password",
+        "token",
+        "credential",
+        "apikey",
+        "accesskey",
+        "signature",
+    ]
+    .iter()
+    .any(|w| n.contains(w))
+        || n.ends_with("key") && !n.ends_with("primarykey")
+}
+
+/// Redacts secret-bearing fields (recursively) and drops OData annotations other than the etag.
+pub fn redact_row(row: &Value) -> Value {
+    match row {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .filter(|(k, _)| !k.starts_with("@odata.") || k.as_str() == "@odata.etag")
+                .map(|(k, v)| {
+                    let v = if is_secret_field(k) && !v.is_null() {
+                        Value::String(REDACTED.into())
+                    } else {
+                        redact_row(v)
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(redact_row).collect()),
+        other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn connection_strings_and_keys_are_redacted() {
+        let row = json!({
+            "ProjectName": "Customers V3",
+            "ServiceBusConnectionString": "Endpoint=sb://x;SharedAccessKey=abc",
+            "StorageAccountSASConnectionString": "sv=2020&sig=xyz",
+            "nested": {"ApiKey": "k"},
+            "@odata.context": "drop me",
+            "ExternalEnvironmentUrl": "https://org.crm.dynamics.com"
+        });
+        let out = redact_row(&row);
+        let text = out.to_string();
+        assert!(
+            !text.contains("abc") && !text.contains("xyz") && !text.contains("\"k\""),
+            "{text}"
+        );
+        assert!(!text.contains("@odata.context"));
+        assert_eq!(out["ProjectName"], "Customers V3");
+        assert_eq!(
+            out["ExternalEnvironmentUrl"],
+            "https://org.crm.dynamics.com"
+        );
+    }
+}

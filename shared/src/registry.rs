@@ -1,0 +1,457 @@
+//! The registry (`relink.toml`): which environments relink may touch and how to reach them.
+//! Unknown keys are rejected, plain http is refused unless explicitly allowed for a loopback
+//! host, production is refused unless allowed, and secrets are read from the environment
+//! variable the entry names and never printed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+use url::Url;
+
+use crate::error::{Error, Result};
+use crate::event::is_environment_id;
+
+/// The default Entra ID authority (public cloud).
+pub const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
+
+/// A secret value: its `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+    /// The value, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// The kind of environment; production is guarded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnvKind {
+    Sandbox,
+    Uat,
+    Dev,
+    Production,
+}
+
+/// Where a client secret comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum SecretSource {
+    /// An environment variable of the relink process.
+    Env(String),
+    /// An AWS Secrets Manager secret (AWS mode only).
+    SecretArn(String),
+}
+
+/// How the link is reset after the keys are cleared.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, tag = "mode", rename_all = "lowercase")]
+pub enum ResetMode {
+    /// Record exact operator instructions and wait for `relink confirm`.
+    Manual,
+    /// Microsoft's unsupported internal gateway (not implemented in this version).
+    Gateway { gateway_url: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    #[serde(default)]
+    environments: BTreeMap<String, RawEnv>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnv {
+    kind: EnvKind,
+    fno_url: String,
+    dataverse_url: String,
+    dataverse_unique_name: String,
+    #[serde(default)]
+    dataverse_organization_id: Option<String>,
+    tenant_id: String,
+    client_id: String,
+    client_secret: SecretSource,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default)]
+    allow_insecure_http: bool,
+    #[serde(default)]
+    allow_production: bool,
+    #[serde(default = "default_reset")]
+    reset: ResetMode,
+    #[serde(default)]
+    fno_purge_service: Option<String>,
+    #[serde(default)]
+    limits: Limits,
+}
+
+fn default_reset() -> ResetMode {
+    ResetMode::Manual
+}
+
+/// Tuning of page sizes, batch sizes and concurrency; the defaults suit Dataverse's limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Rows per Dataverse page (`Prefer: odata.maxpagesize`), 1..=5000.
+    pub dataverse_page_size: usize,
+    /// Deletes per Dataverse `$batch`, 1..=1000.
+    pub dataverse_batch_size: usize,
+    /// Dataverse `$batch` requests in flight at once, 1..=52.
+    pub dataverse_concurrency: usize,
+    /// Rows per F&O page, 1..=10000.
+    pub fno_page_size: usize,
+    /// Deletes per F&O `$batch`, 1..=1000.
+    pub fno_batch_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            dataverse_page_size: 5000,
+            dataverse_batch_size: 1000,
+            dataverse_concurrency: 4,
+            fno_page_size: 1000,
+            fno_batch_size: 100,
+        }
+    }
+}
+
+/// One environment's validated registry entry.
+#[derive(Clone, Debug)]
+pub struct EnvConfig {
+    pub id: String,
+    pub kind: EnvKind,
+    pub fno_url: Url,
+    pub dataverse_url: Url,
+    pub dataverse_unique_name: String,
+    pub dataverse_organization_id: Option<uuid::Uuid>,
+    pub tenant_id: String,
+    pub client_id: String,
+    pub secret_source: SecretSource,
+    /// The client secret, when it was resolvable at load time (env variables).
+    pub client_secret: Option<Secret>,
+    pub authority: Url,
+    pub allow_production: bool,
+    pub reset: ResetMode,
+    /// Path (under the F&O URL) of a customer-deployed purge service, if any.
+    pub fno_purge_service: Option<String>,
+    pub limits: Limits,
+}
+
+impl EnvConfig {
+    /// The Dataverse Web API base, `{dataverse_url}/api/data/v9.2/`.
+    pub fn dataverse_api(&self) -> Url {
+        join(&self.dataverse_url, "api/data/v9.2/")
+    }
+    /// The F&O OData base, `{fno_url}/data/`.
+    pub fn fno_data(&self) -> Url {
+        join(&self.fno_url, "data/")
+    }
+    /// The OAuth scope for a resource URL: `{origin+path}/.default`.
+    pub fn scope_for(resource: &Url) -> String {
+        format!("{}/.default", resource.as_str().trim_end_matches('/'))
+    }
+}
+
+/// Appends a relative path to a base URL whatever its trailing slash.
+pub fn join(base: &Url, rel: &str) -> Url {
+    let mut s = base.as_str().trim_end_matches('/').to_string();
+    s.push('/');
+    s.push_str(rel);
+    Url::parse(&s).expect("a valid base joined with a fixed path stays valid")
+}
+
+/// All registered environments.
+#[derive(Clone, Debug, Default)]
+pub struct Registry {
+    environments: BTreeMap<String, EnvConfig>,
+}
+
+impl Registry {
+    /// Reads and validates a registry file, resolving `env` secrets from the process environment.
+    pub fn load(path: &Path) -> Result<Registry> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::Config(format!(
+                "cannot read registry {}: {e}; create it (see README, Configuration) or pass --config",
+                path.display()
+            ))
+        })?;
+        Registry::parse(&text, |name| std::env::var(name).ok())
+            .map_err(|e| Error::Config(format!("{}: {}", path.display(), strip_prefix(e))))
+    }
+
+    /// Parses registry text; `lookup` resolves `client_secret = { env = ... }`.
+    pub fn parse(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<Registry> {
+        let raw: RawRegistry = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let mut environments = BTreeMap::new();
+        for (id, env) in raw.environments {
+            let cfg = validate(&id, env, &lookup)
+                .map_err(|e| Error::Config(format!("[environments.{id}]: {}", strip_prefix(e))))?;
+            environments.insert(id, cfg);
+        }
+        Ok(Registry { environments })
+    }
+
+    /// The entry for an environment, or [`Error::UnknownEnvironment`].
+    pub fn get(&self, id: &str) -> Result<&EnvConfig> {
+        self.environments
+            .get(id)
+            .ok_or_else(|| Error::UnknownEnvironment(id.to_string()))
+    }
+
+    /// Every entry, by id.
+    pub fn iter(&self) -> impl Iterator<Item = &EnvConfig> {
+        self.environments.values()
+    }
+}
+
+fn strip_prefix(e: Error) -> String {
+    match e {
+        Error::Config(m) => m,
+        other => other.to_string(),
+    }
+}
+
+fn validate(id: &str, raw: RawEnv, lookup: &impl Fn(&str) -> Option<String>) -> Result<EnvConfig> {
+    if !is_environment_id(id) {
+        return Err(Error::Config(
+            "the environment id must be 1-64 of a-z, 0-9, '-', '_', starting with a letter or digit".into(),
+        ));
+    }
+    let insecure = raw.allow_insecure_http;
+    let fno_url = endpoint("fno_url", &raw.fno_url, insecure)?;
+    let dataverse_url = endpoint("dataverse_url", &raw.dataverse_url, insecure)?;
+    let authority = endpoint(
+        "authority",
+        raw.authority.as_deref().unwrap_or(DEFAULT_AUTHORITY),
+        insecure,
+    )?;
+    if raw.dataverse_unique_name.trim().is_empty() {
+        return Err(Error::Config(
+            "`dataverse_unique_name` must name the organisation this F&O must be linked to".into(),
+        ));
+    }
+    let dataverse_organization_id = raw
+        .dataverse_organization_id
+        .map(|s| {
+            uuid::Uuid::parse_str(&s).map_err(|_| {
+                Error::Config(format!("`dataverse_organization_id` {s:?} is not a GUID"))
+            })
+        })
+        .transpose()?;
+    for (field, v) in [("tenant_id", &raw.tenant_id), ("client_id", &raw.client_id)] {
+        if v.trim().is_empty() || v.contains('/') {
+            return Err(Error::Config(format!(
+                "`{field}` must be a non-empty id without '/'"
+            )));
+        }
+    }
+    let client_secret = match &raw.client_secret {
+        SecretSource::Env(var) => Some(Secret::new(lookup(var).filter(|v| !v.is_empty()).ok_or_else(|| {
+            Error::Config(format!(
+                "`client_secret` names the environment variable {var}, which is not set; export it before running relink"
+            ))
+        })?)),
+        SecretSource::SecretArn(arn) => {
+            if !arn.starts_with("arn:aws:secretsmanager:") && !arn.starts_with("arn:aws-") {
+                return Err(Error::Config(format!("`client_secret.secret_arn` {arn:?} is not a Secrets Manager ARN")));
+            }
+            None
+        }
+    };
+    if let ResetMode::Gateway { gateway_url } = &raw.reset {
+        endpoint("reset.gateway_url", gateway_url, insecure)?;
+        return Err(Error::Config(
+            "reset mode `gateway` (Microsoft's unsupported internal gateway) is not implemented in this version; use reset = { mode = \"manual\" }".into(),
+        ));
+    }
+    if let Some(p) = &raw.fno_purge_service
+        && (!p.starts_with('/') || p.contains("..") || p.contains("://") || p.contains('?'))
+    {
+        return Err(Error::Config(format!(
+            "`fno_purge_service` {p:?} must be a path under the F&O URL, such as \"/api/services/RelinkServices/RelinkPurgeService\""
+        )));
+    }
+    check_limits(&raw.limits)?;
+    Ok(EnvConfig {
+        id: id.to_string(),
+        kind: raw.kind,
+        fno_url,
+        dataverse_url,
+        dataverse_unique_name: raw.dataverse_unique_name,
+        dataverse_organization_id,
+        tenant_id: raw.tenant_id,
+        client_id: raw.client_id,
+        secret_source: raw.client_secret,
+        client_secret,
+        authority,
+        allow_production: raw.allow_production,
+        reset: raw.reset,
+        fno_purge_service: raw.fno_purge_service,
+        limits: raw.limits,
+    })
+}
+
+fn check_limits(l: &Limits) -> Result<()> {
+    let checks = [
+        ("limits.dataverse_page_size", l.dataverse_page_size, 5000),
+        ("limits.dataverse_batch_size", l.dataverse_batch_size, 1000),
+        ("limits.dataverse_concurrency", l.dataverse_concurrency, 52),
+        ("limits.fno_page_size", l.fno_page_size, 10_000),
+        ("limits.fno_batch_size", l.fno_batch_size, 1000),
+    ];
+    for (name, v, max) in checks {
+        if v == 0 || v > max {
+            return Err(Error::Config(format!(
+                "`{name}` is {v}; it must be between 1 and {max}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Parses an endpoint URL: https, or http to a loopback host when `allow_insecure_http` is set.
+fn endpoint(field: &str, value: &str, allow_insecure_http: bool) -> Result<Url> {
+    let url = Url::parse(value)
+        .map_err(|e| Error::Config(format!("`{field}` {value:?} is not a URL: {e}")))?;
+    if !url.username().is_empty()
+        || url.password().is_some()
+        || url.query().is_some()
+        || url.fragment().is_some()
+    {
+        return Err(Error::Config(format!(
+            "`{field}` must be a plain base URL without credentials, query or fragment"
+        )));
+    }
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if allow_insecure_http && is_loopback(&url) => Ok(url),
+        "http" if allow_insecure_http => Err(Error::Config(format!(
+            "`{field}` uses plain http to a host that is not loopback; allow_insecure_http only permits 127.0.0.1, ::1 or localhost (simulators)"
+        ))),
+        "http" => Err(Error::Config(format!(
+            "`{field}` uses plain http; relink requires https (allow_insecure_http = true is for loopback simulators only)"
+        ))),
+        other => Err(Error::Config(format!(
+            "`{field}` has scheme {other:?}; relink requires https"
+        ))),
+    }
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[environments.contoso-uat]
+kind = "sandbox"
+fno_url = "https://contoso-uat.sandbox.operations.dynamics.com"
+dataverse_url = "https://contoso-uat.crm.dynamics.com"
+dataverse_unique_name = "org6459f7a8"
+tenant_id = "00000000-0000-0000-0000-000000000000"
+client_id = "11111111-1111-1111-1111-111111111111"
+client_secret = { env = "CONTOSO_UAT_SECRET" }
+reset = { mode = "manual" }
+"#;
+
+    fn lookup(name: &str) -> Option<String> {
+        (name == "CONTOSO_UAT_SECRET").then(|| "s3cr3t-value".to_string())
+    }
+
+    #[test]
+    fn documented_example_loads_with_defaults() {
+        let reg = Registry::parse(GOOD, lookup).unwrap();
+        let env = reg.get("contoso-uat").unwrap();
+        assert_eq!(env.authority.as_str(), "https://login.microsoftonline.com/");
+        assert_eq!(env.client_secret.as_ref().unwrap().expose(), "s3cr3t-value");
+        assert_eq!(env.reset, ResetMode::Manual);
+        assert_eq!(env.limits, Limits::default());
+        assert_eq!(
+            env.dataverse_api().as_str(),
+            "https://contoso-uat.crm.dynamics.com/api/data/v9.2/"
+        );
+        assert!(!format!("{env:?}").contains("s3cr3t-value"));
+        assert!(matches!(reg.get("nope"), Err(Error::UnknownEnvironment(_))));
+    }
+
+    fn err(text: &str) -> String {
+        Registry::parse(text, lookup).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let e = err(&GOOD.replace("kind =", "allow_prod = true\nkind ="));
+        assert!(e.contains("allow_prod"), "{e}");
+        assert!(err("[environmentz.a]\n").contains("environmentz"));
+    }
+
+    #[test]
+    fn plain_http_needs_loopback_and_the_allowance() {
+        let http = GOOD.replace("https://contoso-uat.crm", "http://contoso-uat.crm");
+        assert!(err(&http).contains("requires https"));
+        let allowed = http.replace("reset =", "allow_insecure_http = true\nreset =");
+        assert!(err(&allowed).contains("not loopback"));
+        let loopback = allowed.replace(
+            "http://contoso-uat.crm.dynamics.com",
+            "http://127.0.0.1:8080/dataverse/org",
+        );
+        assert!(Registry::parse(&loopback, lookup).is_ok());
+    }
+
+    #[test]
+    fn missing_secret_variable_is_named_but_values_never_shown() {
+        let e = Registry::parse(GOOD, |_| None).unwrap_err().to_string();
+        assert!(
+            e.contains("CONTOSO_UAT_SECRET") && e.contains("not set"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        assert!(err(&GOOD.replace("sandbox\"", "staging\"")).contains("staging"));
+        assert!(
+            err(&GOOD.replace("\"manual\"", "\"gateway\", gateway_url = \"https://gw\""))
+                .contains("not implemented")
+        );
+        assert!(
+            err(&format!(
+                "{GOOD}limits = {{ dataverse_batch_size = 5000 }}\n"
+            ))
+            .contains("between 1 and 1000")
+        );
+        assert!(err("not toml [").contains("expected"));
+    }
+}

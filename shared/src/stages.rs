@@ -1,0 +1,632 @@
+//! The four stages and verification. They depend only on the ports; every destructive stage
+//! re-confirms the Dataverse organisation's identity first, archives each page before deleting
+//! it, and accepts empty tables. Deleting re-reads the first page after each pass, so a stage
+//! interrupted half-way resumes with exactly the rows still present: nothing is deleted twice.
+
+use std::collections::HashMap;
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+use crate::model::{Run, RunStatus, StageStatus};
+use crate::ports::{
+    ArchivedRow, BatchOutcome, DataverseApi, FnoApi, Organization, ProgressStore, ResetDriver,
+    ResetOutcome, ServiceTable,
+};
+use crate::progress::{Progress, ProgressSink};
+use crate::registry::{EnvConfig, EnvKind};
+
+/// Table names used in archives and progress.
+pub const DATAVERSE_TABLE: &str = "msdyn_dualwriteruntimeconfig";
+/// F&O table behind `DualWriteProjectConfigurations`.
+pub const FNO_TABLE: &str = "DualWriteProjectConfiguration";
+
+/// A row that keeps failing to delete ends the stage after this many passes.
+const MAX_FAILURES_PER_ROW: u32 = 3;
+/// Passes that delete nothing before the stage gives up rather than spin.
+const MAX_IDLE_PASSES: u32 = 3;
+/// Most distinct foreign Dataverse URLs listed in findings.
+const MAX_LISTED_URLS: usize = 5;
+
+/// What a stage needs: the environment, the run and the ports.
+pub struct StageCtx<'a> {
+    pub env: &'a EnvConfig,
+    pub run: &'a Run,
+    pub store: &'a dyn ProgressStore,
+    pub dataverse: &'a dyn DataverseApi,
+    pub fno: &'a dyn FnoApi,
+    pub reset: &'a dyn ResetDriver,
+    pub sink: &'a dyn ProgressSink,
+}
+
+/// How the run goes on after a stage.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Then {
+    /// Send the next stage's event.
+    Continue,
+    /// The run ends with this status.
+    Finish(RunStatus),
+    /// The run waits for an operator; the text says what to do.
+    Await(String),
+}
+
+/// A stage's result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageReport {
+    pub status: StageStatus,
+    pub outcome: Value,
+    pub then: Then,
+    /// One line for humans.
+    pub summary: String,
+    /// A problem to record on the stage although the run goes on (failed verification).
+    pub error: Option<String>,
+}
+
+/// What detection found, read-only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Findings {
+    pub organization: Organization,
+    /// The F&O URL Dataverse says it is integrated with, when it says.
+    pub fno_integration_url: Option<String>,
+    pub fno_project_configs: usize,
+    pub fno_pointing_elsewhere: usize,
+    pub fno_pointing_here: usize,
+    pub other_dataverse_urls: Vec<String>,
+    pub dataverse_runtime_configs: usize,
+    pub stale: bool,
+    pub reason: String,
+}
+
+/// Refuses a production environment unless the registry allows it.
+pub fn guard_production(env: &EnvConfig) -> Result<()> {
+    if env.kind == EnvKind::Production && !env.allow_production {
+        return Err(Error::Refused(format!(
+            "environment `{}` is kind = \"production\"; relink deletes dual-write keys in production only when its registry entry sets allow_production = true",
+            env.id
+        )));
+    }
+    Ok(())
+}
+
+/// Confirms the Dataverse behind `dataverse_url` is the registered organisation.
+pub async fn guard_identity(env: &EnvConfig, dv: &dyn DataverseApi) -> Result<Organization> {
+    let org = dv.current_organization().await?;
+    let name_ok = org
+        .unique_name
+        .eq_ignore_ascii_case(&env.dataverse_unique_name);
+    let id_ok = env.dataverse_organization_id.is_none_or(|want| {
+        uuid::Uuid::parse_str(&org.organization_id).is_ok_and(|got| got == want)
+    });
+    if !name_ok || !id_ok {
+        return Err(Error::Refused(format!(
+            "the Dataverse at {} is organisation {} ({}), but the registry expects {}{}; nothing was deleted. Check dataverse_url and dataverse_unique_name for `{}`",
+            env.dataverse_url,
+            org.unique_name,
+            org.organization_id,
+            env.dataverse_unique_name,
+            env.dataverse_organization_id
+                .map(|id| format!(" ({id})"))
+                .unwrap_or_default(),
+            env.id
+        )));
+    }
+    Ok(org)
+}
+
+/// Normalises an environment URL for comparison: lower-case, no trailing slash.
+fn norm_url(u: &str) -> String {
+    u.trim().trim_end_matches('/').to_ascii_lowercase()
+}
+
+/// Reads both sides and decides whether the link is stale. Deletes nothing.
+pub async fn inspect(
+    env: &EnvConfig,
+    dv: &dyn DataverseApi,
+    fno: &dyn FnoApi,
+    sink: &dyn ProgressSink,
+) -> Result<Findings> {
+    let organization = guard_identity(env, dv).await?;
+    let integration = dv.fno_integration().await?;
+    if let Some(i) = &integration {
+        let integrated = url::Url::parse(&i.url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_ascii_lowercase));
+        if integrated.as_deref()
+            != env
+                .fno_url
+                .host_str()
+                .map(str::to_ascii_lowercase)
+                .as_deref()
+        {
+            return Err(Error::Refused(format!(
+                "Dataverse {} reports it is integrated with F&O {}, not {}; fix the Power Platform integration in LCS before relinking",
+                organization.unique_name, i.url, env.fno_url
+            )));
+        }
+    }
+    let here = norm_url(env.dataverse_url.as_str());
+    let (mut total, mut elsewhere, mut pointing_here) = (0, 0, 0);
+    let mut others: Vec<String> = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        let page = fno
+            .project_configs(next.as_deref(), env.limits.fno_page_size)
+            .await?;
+        for row in &page.rows {
+            total += 1;
+            let url = row
+                .get("ExternalEnvironmentUrl")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            if norm_url(url) == here {
+                pointing_here += 1;
+            } else {
+                elsewhere += 1;
+                let u = norm_url(url);
+                if !u.is_empty() && others.len() < MAX_LISTED_URLS && !others.contains(&u) {
+                    others.push(u);
+                }
+            }
+        }
+        sink.emit(Progress::Found {
+            table: FNO_TABLE,
+            rows: total,
+        });
+        match page.next_link {
+            Some(n) => next = Some(n),
+            None => break,
+        }
+    }
+    let dv_rows = count_dataverse(env, dv, sink).await?;
+    let (stale, reason) = if elsewhere > 0 {
+        (
+            true,
+            format!(
+                "{elsewhere} of {total} F&O dual-write project configurations point at another Dataverse ({})",
+                others.join(", ")
+            ),
+        )
+    } else if total == 0 && dv_rows > 0 {
+        (
+            true,
+            format!(
+                "F&O has no dual-write project configuration but Dataverse holds {dv_rows} runtime configurations from an earlier link"
+            ),
+        )
+    } else {
+        (
+            false,
+            format!(
+                "{total} F&O project configurations all point at {here}; {dv_rows} Dataverse runtime configurations"
+            ),
+        )
+    };
+    Ok(Findings {
+        organization,
+        fno_integration_url: integration.map(|i| i.url),
+        fno_project_configs: total,
+        fno_pointing_elsewhere: elsewhere,
+        fno_pointing_here: pointing_here,
+        other_dataverse_urls: others,
+        dataverse_runtime_configs: dv_rows,
+        stale,
+        reason,
+    })
+}
+
+async fn count_dataverse(
+    env: &EnvConfig,
+    dv: &dyn DataverseApi,
+    sink: &dyn ProgressSink,
+) -> Result<usize> {
+    let Some(set) = dv.runtime_config_set().await? else {
+        return Ok(0);
+    };
+    let size = env.limits.dataverse_page_size;
+    let mut page = dv.first_page(&set, size).await?;
+    let mut n = page.rows.len();
+    while let Some(link) = page.next_link.take() {
+        sink.emit(Progress::Found {
+            table: DATAVERSE_TABLE,
+            rows: n,
+        });
+        page = dv.next_page(&link, size).await?;
+        n += page.rows.len();
+    }
+    sink.emit(Progress::Found {
+        table: DATAVERSE_TABLE,
+        rows: n,
+    });
+    Ok(n)
+}
+
+/// Stage `detect-mismatch`: guards, inventory, decision. Deletes nothing.
+pub async fn detect(ctx: &StageCtx<'_>) -> Result<StageReport> {
+    let f = inspect(ctx.env, ctx.dataverse, ctx.fno, ctx.sink).await?;
+    let outcome = serde_json::to_value(&f).expect("findings serialise");
+    if !f.stale && !ctx.run.options.force {
+        return Ok(StageReport {
+            status: StageStatus::Skipped,
+            outcome,
+            then: Then::Finish(RunStatus::Skipped),
+            summary: format!("link is clean: {}", f.reason),
+            error: None,
+        });
+    }
+    let summary = if f.stale {
+        format!("stale link: {}", f.reason)
+    } else {
+        format!(
+            "link looks clean, going on because of --force: {}",
+            f.reason
+        )
+    };
+    Ok(StageReport {
+        status: StageStatus::Succeeded,
+        outcome,
+        then: Then::Continue,
+        summary,
+        error: None,
+    })
+}
+
+/// Running totals of one table's purge.
+#[derive(Default)]
+struct Tally {
+    found: usize,
+    deleted: usize,
+    already_gone: usize,
+    batches: usize,
+}
+
+impl Tally {
+    fn outcome(&self, dry_run: bool) -> Value {
+        if dry_run {
+            json!({"would_delete": self.found})
+        } else {
+            json!({"deleted": self.deleted, "already_gone": self.already_gone, "archived": self.found, "batches": self.batches})
+        }
+    }
+}
+
+/// Deletes every row a pager returns, page by page: archive the page, delete it in batches with
+/// bounded concurrency, read the first page again. Gives up on rows that keep failing.
+async fn purge_pages<P, D>(
+    ctx: &StageCtx<'_>,
+    table: &'static str,
+    key_field: &str,
+    batch_size: usize,
+    concurrency: usize,
+    mut first_page: P,
+    delete: D,
+) -> Result<Tally>
+where
+    P: AsyncFnMut() -> Result<Vec<Value>>,
+    D: AsyncFn(&[String]) -> Result<BatchOutcome>,
+{
+    let mut tally = Tally::default();
+    let mut failures: HashMap<String, u32> = HashMap::new();
+    let mut idle = 0;
+    loop {
+        let rows = first_page().await?;
+        if rows.is_empty() {
+            return Ok(tally);
+        }
+        let mut keys = Vec::with_capacity(rows.len());
+        let mut archived = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let key = row
+                .get(key_field)
+                .and_then(Value::as_str)
+                .ok_or_else(|| Error::Protocol {
+                    service: "OData",
+                    detail: format!("{table} row without a string `{key_field}`"),
+                })?
+                .to_string();
+            archived.push(ArchivedRow {
+                table: table.to_string(),
+                key: key.clone(),
+                row: crate::redact::redact_row(row),
+            });
+            keys.push(key);
+        }
+        ctx.store
+            .archive(&ctx.run.run_id, &ctx.env.id, &archived)
+            .await?;
+        drop(archived);
+        tally.found += keys.len();
+        ctx.sink.emit(Progress::Archived {
+            table,
+            rows: tally.found,
+        });
+        let mut pass_deleted = 0;
+        let mut results = futures::stream::iter(keys.chunks(batch_size).map(|c| delete(c)))
+            .buffer_unordered(concurrency);
+        let mut first_error = None;
+        while let Some(r) = results.next().await {
+            match r {
+                Ok(o) => {
+                    tally.batches += 1;
+                    tally.deleted += o.deleted;
+                    tally.already_gone += o.already_gone;
+                    pass_deleted += o.deleted + o.already_gone;
+                    for (key, why) in o.failed {
+                        let n = failures.entry(key.clone()).or_default();
+                        *n += 1;
+                        if *n >= MAX_FAILURES_PER_ROW && first_error.is_none() {
+                            first_error = Some(Error::Unavailable {
+                                service: if table == DATAVERSE_TABLE {
+                                    "Dataverse"
+                                } else {
+                                    "F&O"
+                                },
+                                attempts: *n,
+                                detail: format!("row {key} of {table} could not be deleted: {why}"),
+                                retry_after: None,
+                            });
+                        }
+                    }
+                    ctx.sink.emit(Progress::Deleted {
+                        table,
+                        rows: tally.deleted + tally.already_gone,
+                    });
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        idle = if pass_deleted == 0 { idle + 1 } else { 0 };
+        if idle >= MAX_IDLE_PASSES {
+            return Err(Error::Protocol {
+                service: "OData",
+                detail: format!(
+                    "{table} still lists rows that its deletes report as gone; try again later"
+                ),
+            });
+        }
+    }
+}
+
+/// Counts a pager's rows without deleting (dry run).
+async fn count_pages<F>(mut page: F) -> Result<usize>
+where
+    F: AsyncFnMut(Option<String>) -> Result<(usize, Option<String>)>,
+{
+    let (mut n, mut next) = page(None).await?;
+    while let Some(link) = next {
+        let (k, nx) = page(Some(link)).await?;
+        n += k;
+        next = nx;
+    }
+    Ok(n)
+}
+
+/// Stage `purge-keys`: F&O key tables (OData, then the optional purge service). Archives first.
+pub async fn purge_keys(ctx: &StageCtx<'_>) -> Result<StageReport> {
+    guard_identity(ctx.env, ctx.dataverse).await?;
+    let dry = ctx.run.options.dry_run;
+    let limits = ctx.env.limits;
+    let mut outcome = serde_json::Map::new();
+    let configs = if dry {
+        let n = count_pages(async |next: Option<String>| {
+            let p = ctx
+                .fno
+                .project_configs(next.as_deref(), limits.fno_page_size)
+                .await?;
+            Ok((p.rows.len(), p.next_link))
+        })
+        .await?;
+        Tally {
+            found: n,
+            ..Tally::default()
+        }
+    } else {
+        purge_pages(
+            ctx,
+            FNO_TABLE,
+            "ProjectName",
+            limits.fno_batch_size,
+            1,
+            async || {
+                Ok(ctx
+                    .fno
+                    .project_configs(None, limits.fno_page_size)
+                    .await?
+                    .rows)
+            },
+            async |keys: &[String]| ctx.fno.delete_project_configs(keys).await,
+        )
+        .await?
+    };
+    outcome.insert(FNO_TABLE.into(), configs.outcome(dry));
+    let mut summary = format!(
+        "{FNO_TABLE}: {} {}",
+        configs.found,
+        if dry { "would be deleted" } else { "deleted" }
+    );
+    for table in ServiceTable::ALL {
+        let name = table.as_str();
+        if !ctx.fno.has_purge_service() {
+            outcome.insert(name.into(), json!({"cleared_by": "reset", "note": "no fno_purge_service configured: Reset link clears this table"}));
+            continue;
+        }
+        let t = if dry {
+            Tally {
+                found: ctx.fno.service_rows(table).await?.len(),
+                ..Tally::default()
+            }
+        } else {
+            purge_pages(
+                ctx,
+                name,
+                "key",
+                limits.fno_batch_size,
+                1,
+                async || ctx.fno.service_rows(table).await,
+                async |keys: &[String]| ctx.fno.service_delete(table, keys).await,
+            )
+            .await?
+        };
+        summary.push_str(&format!(", {name}: {}", t.found));
+        outcome.insert(name.into(), t.outcome(dry));
+    }
+    Ok(StageReport {
+        status: StageStatus::Succeeded,
+        outcome: Value::Object(outcome),
+        then: Then::Continue,
+        summary,
+        error: None,
+    })
+}
+
+/// Stage `clear-dataverse-configs`: every `msdyn_dualwriteruntimeconfig` row, archived first.
+pub async fn clear_configs(ctx: &StageCtx<'_>) -> Result<StageReport> {
+    guard_identity(ctx.env, ctx.dataverse).await?;
+    let dry = ctx.run.options.dry_run;
+    let limits = ctx.env.limits;
+    let Some(set) = ctx.dataverse.runtime_config_set().await? else {
+        return Ok(StageReport {
+            status: StageStatus::Succeeded,
+            outcome: json!({"table_missing": true, "deleted": 0}),
+            then: Then::Continue,
+            summary: format!(
+                "{DATAVERSE_TABLE} does not exist in this organisation: nothing to clear"
+            ),
+            error: None,
+        });
+    };
+    let tally = if dry {
+        Tally {
+            found: count_dataverse(ctx.env, ctx.dataverse, ctx.sink).await?,
+            ..Tally::default()
+        }
+    } else {
+        purge_pages(
+            ctx,
+            DATAVERSE_TABLE,
+            &set.primary_id,
+            limits.dataverse_batch_size,
+            limits.dataverse_concurrency,
+            async || {
+                Ok(ctx
+                    .dataverse
+                    .first_page(&set, limits.dataverse_page_size)
+                    .await?
+                    .rows)
+            },
+            async |ids: &[String]| ctx.dataverse.delete_batch(&set, ids).await,
+        )
+        .await?
+    };
+    let summary = format!(
+        "{DATAVERSE_TABLE}: {} {}",
+        tally.found,
+        if dry { "would be deleted" } else { "deleted" }
+    );
+    Ok(StageReport {
+        status: StageStatus::Succeeded,
+        outcome: tally.outcome(dry),
+        then: Then::Continue,
+        summary,
+        error: None,
+    })
+}
+
+/// Stage `reset-link`: the manual gate (or, in a dry run, what it would ask).
+pub async fn reset_link(ctx: &StageCtx<'_>) -> Result<StageReport> {
+    if ctx.run.options.dry_run {
+        return Ok(StageReport {
+            status: StageStatus::Skipped,
+            outcome: json!({"would": "reset the link (manual: an operator resets it in F&O, then runs relink confirm)"}),
+            then: Then::Finish(RunStatus::Succeeded),
+            summary: "dry run: the link would now be reset".into(),
+            error: None,
+        });
+    }
+    match ctx.reset.reset(ctx.env, ctx.run).await? {
+        ResetOutcome::AwaitConfirmation { instructions } => Ok(StageReport {
+            status: StageStatus::Running,
+            outcome: json!({"mode": "manual", "instructions": instructions}),
+            then: Then::Await(instructions),
+            summary: "waiting for an operator to reset the link".into(),
+            error: None,
+        }),
+        ResetOutcome::Done => verify(ctx).await,
+    }
+}
+
+/// Verification after the reset: detection again, read-only, which must come back clean, and
+/// where the environment had a link before, the link must be rebuilt towards this Dataverse.
+pub async fn verify(ctx: &StageCtx<'_>) -> Result<StageReport> {
+    let f = inspect(ctx.env, ctx.dataverse, ctx.fno, ctx.sink).await?;
+    let had_link = ctx
+        .run
+        .stage(crate::model::Stage::DetectMismatch)
+        .outcome
+        .as_ref()
+        .and_then(|o| o.get("fno_project_configs"))
+        .and_then(Value::as_u64)
+        .is_some_and(|n| n > 0);
+    let problem = if f.stale {
+        Some(f.reason.clone())
+    } else if had_link && f.fno_pointing_here == 0 {
+        Some("F&O has no dual-write project configuration pointing at this Dataverse yet: the link has not been reset".to_string())
+    } else {
+        None
+    };
+    let outcome = json!({"verified": problem.is_none(), "findings": f});
+    Ok(match problem {
+        None => StageReport {
+            status: StageStatus::Succeeded,
+            outcome,
+            then: Then::Finish(RunStatus::Succeeded),
+            summary: format!("verified: {}", f.reason),
+            error: None,
+        },
+        Some(p) => StageReport {
+            status: StageStatus::Running,
+            outcome,
+            then: Then::Await(format!(
+                "verification failed: {p}. Reset the link as instructed, then run relink confirm {} again",
+                ctx.run.run_id
+            )),
+            summary: format!("verification failed: {p}"),
+            error: Some(format!("verification failed: {p}")),
+        },
+    })
+}
+
+/// The manual reset gate: records exact operator instructions.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ManualReset;
+
+#[async_trait::async_trait]
+impl ResetDriver for ManualReset {
+    async fn reset(&self, env: &EnvConfig, run: &Run) -> Result<ResetOutcome> {
+        Ok(ResetOutcome::AwaitConfirmation {
+            instructions: manual_instructions(env, &run.run_id),
+        })
+    }
+}
+
+/// The operator's checklist for a manual reset.
+pub fn manual_instructions(env: &EnvConfig, run_id: &str) -> String {
+    format!(
+        "relink has cleared the dual-write keys of `{id}`. Reset the link by hand, then confirm:\n\
+         1. Sign in to F&O at {fno} as a System administrator.\n\
+         2. Open the Data management workspace > Dual-write. Stop any table map that still runs.\n\
+         3. Select Reset link and choose the Dataverse environment {dv} (organisation {org}). If relink cannot see the maps stopped, F&O offers Force reset.\n\
+         4. Wait until the reset finishes, apply the dual-write solutions again and start the maps you need (Reset removes maps, integration keys and legal-entity mappings).\n\
+         5. Run: relink confirm {run_id}   (relink then verifies the link and ends the run)",
+        id = env.id,
+        fno = env.fno_url,
+        dv = env.dataverse_url,
+        org = env.dataverse_unique_name,
+    )
+}
