@@ -171,6 +171,8 @@ pub struct Faults {
     pub protection: Option<Protection>,
     /// Lifetime of issued tokens.
     pub token_lifetime_secs: u64,
+    /// Seed for the fault dice, for reproducible runs (random when absent).
+    pub rng_seed: Option<u64>,
 }
 
 impl Default for Faults {
@@ -183,6 +185,7 @@ impl Default for Faults {
             rate_5xx: 0.0,
             protection: None,
             token_lifetime_secs: 3599,
+            rng_seed: None,
         }
     }
 }
@@ -266,6 +269,22 @@ struct SimState {
     windows: HashMap<String, Window>,
     snapshot: Snapshot,
     in_flight: usize,
+    rng: Option<rand::rngs::StdRng>,
+}
+
+impl SimState {
+    fn set_faults(&mut self, faults: Faults) {
+        self.rng = faults.rng_seed.map(rand::SeedableRng::seed_from_u64);
+        self.faults = faults;
+    }
+
+    /// A die roll in [0, 1).
+    fn roll(&mut self) -> f64 {
+        match &mut self.rng {
+            Some(r) => r.random(),
+            None => rand::rng().random(),
+        }
+    }
 }
 
 struct Shared {
@@ -331,7 +350,7 @@ impl Sim {
     }
     /// Replaces the injected faults.
     pub fn set_faults(&self, faults: Faults) {
-        self.shared.lock().faults = faults;
+        self.shared.lock().set_faults(faults);
     }
     /// Counters and table sizes.
     pub fn snapshot(&self) -> Snapshot {
@@ -670,7 +689,7 @@ fn control(shared: &Shared, method: &Method, rest: &str, body: &[u8]) -> Respons
             .and_then(|v| serde_json::from_value::<Faults>(v).map_err(|e| e.to_string()))
         {
             Ok(f) => {
-                shared.lock().faults = f;
+                shared.lock().set_faults(f);
                 StatusCode::NO_CONTENT.into_response()
             }
             Err(e) => (StatusCode::BAD_REQUEST, format!("bad faults: {e}")).into_response(),
@@ -867,10 +886,9 @@ async fn service(
     let (faults, verdict) = {
         let mut st = shared.lock();
         let faults = st.faults.clone();
-        let mut rng = rand::rng();
-        let verdict = if faults.rate_429 > 0.0 && rng.random_bool(faults.rate_429.min(1.0)) {
+        let verdict = if faults.rate_429 > 0.0 && st.roll() < faults.rate_429 {
             Some((429, faults.retry_after_secs))
-        } else if faults.rate_5xx > 0.0 && rng.random_bool(faults.rate_5xx.min(1.0)) {
+        } else if faults.rate_5xx > 0.0 && st.roll() < faults.rate_5xx {
             Some((503, 0))
         } else if let (Svc::Dataverse, Some(p)) = (svc, faults.protection) {
             protection_verdict(&mut st, &window_key, &p, arrived)

@@ -1,0 +1,227 @@
+//! Test harness: a simulator per test, a registry and store in a directory of its own, and the
+//! `relink` binary run as a real process.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use relink_shared::ports::{ArchivedRow, ProgressStore};
+use relink_shared::store_sqlite::SqliteStore;
+use relink_sim::{AppSeed, FnoSeed, OrgSeed, Seed, Sim};
+use serde_json::Value;
+
+pub const ENV: &str = "contoso-uat";
+pub const CLIENT: &str = "22222222-2222-2222-2222-222222222222";
+pub const SECRET_VAR: &str = "RELINK_TEST_SECRET";
+
+/// What a test seeds.
+pub struct Spec {
+    pub uat_rows: usize,
+    pub prod_rows: usize,
+    pub project_configs: usize,
+    pub field_configs: usize,
+    pub business_events: usize,
+    pub purge_service: bool,
+    /// Extra registry lines for the environment.
+    pub registry_extra: String,
+    /// The organisation `dataverse_url` points at (default: the UAT one, which is right).
+    pub dataverse_org: &'static str,
+    pub kind: &'static str,
+}
+
+impl Default for Spec {
+    fn default() -> Self {
+        Spec {
+            uat_rows: 300,
+            prod_rows: 25,
+            project_configs: 40,
+            field_configs: 0,
+            business_events: 0,
+            purge_service: false,
+            registry_extra: String::new(),
+            dataverse_org: "uat",
+            kind: "uat",
+        }
+    }
+}
+
+pub struct World {
+    pub sim: Sim,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub store: PathBuf,
+    pub secret: String,
+}
+
+/// Output of one `relink` invocation.
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Out {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+impl std::fmt::Debug for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+pub const PURGE_PATH: &str = "/api/services/RelinkServices/RelinkPurgeService/purge";
+
+impl World {
+    pub async fn new(spec: Spec) -> World {
+        let sim = Sim::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("simulator starts");
+        let secret = format!("test-secret-{}", ulid::Ulid::new());
+        sim.seed(&Seed {
+            apps: vec![AppSeed {
+                client_id: CLIENT.into(),
+                client_secret: secret.clone(),
+            }],
+            organizations: vec![
+                OrgSeed {
+                    name: "prod".into(),
+                    unique_name: "orgcontosoprod".into(),
+                    organization_id: None,
+                    friendly_name: None,
+                    integrated_fno: None,
+                    runtime_configs: spec.prod_rows,
+                },
+                OrgSeed {
+                    name: "uat".into(),
+                    unique_name: "orgcontosouat".into(),
+                    organization_id: None,
+                    friendly_name: None,
+                    integrated_fno: Some(ENV.into()),
+                    runtime_configs: spec.uat_rows,
+                },
+            ],
+            fno_environments: vec![FnoSeed {
+                name: ENV.into(),
+                linked_organization: "uat".into(),
+                points_at: Some("prod".into()),
+                project_configs: spec.project_configs,
+                field_configs: spec.field_configs,
+                business_events: spec.business_events,
+                purge_service_path: spec.purge_service.then(|| PURGE_PATH.into()),
+                reset_project_configs: None,
+            }],
+        })
+        .expect("seed");
+        let dir = std::env::temp_dir().join(format!("relink-test-{}", ulid::Ulid::new()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let config = dir.join("relink.toml");
+        let store = dir.join("relink.db");
+        let purge = if spec.purge_service {
+            format!("fno_purge_service = \"{PURGE_PATH}\"\n")
+        } else {
+            String::new()
+        };
+        std::fs::write(
+            &config,
+            format!(
+                "[environments.{ENV}]\nkind = \"{kind}\"\nfno_url = \"{fno}\"\ndataverse_url = \"{dv}\"\ndataverse_unique_name = \"orgcontosouat\"\n\
+                 tenant_id = \"contoso.onmicrosoft.com\"\nclient_id = \"{CLIENT}\"\nclient_secret = {{ env = \"{SECRET_VAR}\" }}\n\
+                 authority = \"{auth}\"\nallow_insecure_http = true\n{purge}{extra}\n",
+                kind = spec.kind,
+                fno = sim.fno_url(ENV),
+                dv = sim.dataverse_url(spec.dataverse_org),
+                auth = sim.authority(),
+                extra = spec.registry_extra,
+            ),
+        )
+        .expect("registry");
+        World {
+            sim,
+            dir,
+            config,
+            store,
+            secret,
+        }
+    }
+
+    pub fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_relink"));
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("--store")
+            .arg(&self.store)
+            .args(args);
+        cmd.env(SECRET_VAR, &self.secret)
+            .env("RELINK_LOG", "debug")
+            .env_remove("RELINK_CONFIG")
+            .env_remove("RELINK_STORE");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs `relink ARGS` to completion.
+    pub async fn relink(&self, args: &[&str]) -> Out {
+        let out = self.command(args).output().await.expect("relink runs");
+        let out = Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into(),
+            stderr: String::from_utf8_lossy(&out.stderr).into(),
+        };
+        assert!(
+            !out.stdout.contains(&self.secret) && !out.stderr.contains(&self.secret),
+            "the client secret leaked:\n{out:?}"
+        );
+        assert!(
+            !out.stdout.contains("SIMSECRET") && !out.stderr.contains("SIMSECRET"),
+            "a row secret leaked:\n{out:?}"
+        );
+        out
+    }
+
+    pub async fn status(&self) -> Value {
+        let out = self.relink(&["status", ENV, "--json"]).await;
+        assert_eq!(out.code, 0, "{out:?}");
+        out.json()
+    }
+
+    pub async fn archived(&self, run_id: &str) -> Vec<ArchivedRow> {
+        SqliteStore::open(&self.store)
+            .unwrap()
+            .archived(run_id)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+/// The stage object of a status JSON.
+pub fn stage<'a>(run: &'a Value, name: &str) -> &'a Value {
+    run["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == name)
+        .unwrap_or_else(|| panic!("no stage {name} in {run}"))
+}

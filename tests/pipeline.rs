@@ -1,0 +1,388 @@
+//! End-to-end: the `relink` binary against the simulators over real HTTP, with the embedded store.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{ENV, Spec, World, stage};
+use relink_sim::Faults;
+
+#[tokio::test]
+async fn full_run_clears_both_sides_archives_then_confirm_verifies_and_rerun_skips() {
+    let w = World::new(Spec {
+        uat_rows: 1500,
+        project_configs: 50,
+        field_configs: 10,
+        business_events: 4,
+        purge_service: true,
+        ..Spec::default()
+    })
+    .await;
+
+    let out = w.relink(&["run", ENV]).await;
+    assert_eq!(out.code, 3, "awaiting confirmation: {out:?}");
+    assert!(
+        out.stdout.contains("relink confirm"),
+        "instructions name the next command: {out:?}"
+    );
+    let run = w.status().await;
+    assert_eq!(run["status"], "awaiting-confirmation");
+    let run_id = run["run_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        stage(&run, "clear-dataverse-configs")["outcome"]["deleted"],
+        1500
+    );
+    assert_eq!(
+        stage(&run, "purge-keys")["outcome"]["DualWriteProjectConfiguration"]["deleted"],
+        50
+    );
+    assert_eq!(stage(&run, "reset-link")["status"], "running");
+
+    let snap = w.sim.snapshot();
+    assert_eq!(snap.runtime_configs["uat"], 0);
+    assert_eq!(
+        snap.runtime_configs["prod"], 25,
+        "production Dataverse is untouched"
+    );
+    assert_eq!(snap.project_configs[ENV], 0);
+    assert_eq!(snap.field_configs[ENV], 0);
+    assert_eq!(snap.business_events[ENV], 0);
+    assert!(snap.deleted_twice.is_empty(), "{:?}", snap.deleted_twice);
+
+    let archive = w.archived(&run_id).await;
+    assert_eq!(archive.len(), 1500 + 50 + 10 + 4);
+    let keys: HashSet<_> = archive
+        .iter()
+        .map(|r| (r.table.clone(), r.key.clone()))
+        .collect();
+    assert_eq!(keys.len(), archive.len());
+    let text = serde_json::to_string(&archive.iter().map(|r| &r.row).collect::<Vec<_>>()).unwrap();
+    assert!(
+        !text.contains("SIMSECRET"),
+        "archived rows carry no secrets"
+    );
+    assert!(
+        text.contains("dualwrite-runtime-"),
+        "archived rows keep their names"
+    );
+
+    // Confirming before the reset: verification fails and the run keeps waiting.
+    let early = w.relink(&["confirm", &run_id]).await;
+    assert_eq!(early.code, 3, "{early:?}");
+    assert!(early.stdout.contains("verification failed"), "{early:?}");
+
+    w.sim.reset_link(ENV).unwrap();
+    let confirmed = w.relink(&["confirm", &run_id, "--json"]).await;
+    assert_eq!(confirmed.code, 0, "{confirmed:?}");
+    let run = confirmed.json();
+    assert_eq!(run["status"], "succeeded");
+    assert_eq!(stage(&run, "reset-link")["outcome"]["verified"], true);
+
+    let again = w.relink(&["run", ENV, "--json"]).await;
+    assert_eq!(again.code, 0, "{again:?}");
+    assert_eq!(again.json()["status"], "skipped");
+    assert_ne!(again.json()["run_id"], run_id);
+}
+
+#[tokio::test]
+async fn wrong_dataverse_organisation_is_refused_and_nothing_is_deleted() {
+    // dataverse_url points at production while the registry expects the UAT organisation.
+    let w = World::new(Spec {
+        dataverse_org: "prod",
+        ..Spec::default()
+    })
+    .await;
+    let out = w.relink(&["run", ENV]).await;
+    assert_eq!(out.code, 4, "{out:?}");
+    assert!(
+        out.stdout.contains("orgcontosoprod") && out.stdout.contains("nothing was deleted"),
+        "{out:?}"
+    );
+    let run = w.status().await;
+    assert_eq!(run["status"], "refused");
+    let snap = w.sim.snapshot();
+    assert!(snap.deleted.is_empty(), "{:?}", snap.deleted);
+    assert!(snap.batch_requests.is_empty() && snap.single_deletes == 0);
+    assert_eq!(
+        (
+            snap.runtime_configs["prod"],
+            snap.runtime_configs["uat"],
+            snap.project_configs[ENV]
+        ),
+        (25, 300, 40)
+    );
+}
+
+#[tokio::test]
+async fn production_is_refused_unless_the_registry_allows_it() {
+    let w = World::new(Spec {
+        kind: "production",
+        ..Spec::default()
+    })
+    .await;
+    let out = w.relink(&["run", ENV]).await;
+    assert_eq!(out.code, 4, "{out:?}");
+    assert!(out.stdout.contains("allow_production = true"), "{out:?}");
+    assert_eq!(
+        w.sim.snapshot().requests,
+        0,
+        "the guard stops the run before any request"
+    );
+
+    let allowed = World::new(Spec {
+        kind: "production",
+        registry_extra: "allow_production = true".into(),
+        ..Spec::default()
+    })
+    .await;
+    let out = allowed.relink(&["run", ENV]).await;
+    assert_eq!(out.code, 3, "{out:?}");
+}
+
+#[tokio::test]
+async fn dry_run_reports_counts_and_deletes_nothing() {
+    let w = World::new(Spec {
+        uat_rows: 7000,
+        project_configs: 12,
+        ..Spec::default()
+    })
+    .await;
+    let out = w.relink(&["run", ENV, "--dry-run", "--json"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let run = out.json();
+    assert_eq!(run["status"], "succeeded");
+    assert_eq!(run["options"]["dry_run"], true);
+    assert_eq!(
+        stage(&run, "clear-dataverse-configs")["outcome"]["would_delete"],
+        7000
+    );
+    assert_eq!(
+        stage(&run, "purge-keys")["outcome"]["DualWriteProjectConfiguration"]["would_delete"],
+        12
+    );
+    let snap = w.sim.snapshot();
+    assert!(
+        snap.deleted.is_empty() && snap.batch_requests.is_empty() && snap.single_deletes == 0,
+        "{snap:?}"
+    );
+    assert!(w.archived(run["run_id"].as_str().unwrap()).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_killed_run_resumes_without_deleting_any_row_twice() {
+    let w = World::new(Spec {
+        uat_rows: 4000,
+        registry_extra: "limits = { dataverse_batch_size = 200, dataverse_concurrency = 1, dataverse_page_size = 1000 }".into(),
+        ..Spec::default()
+    })
+    .await;
+    // Each 200-row batch takes about 200 ms, so the process can be killed between two batches.
+    w.sim.set_faults(Faults {
+        per_op_latency_ms: 1,
+        ..Faults::default()
+    });
+    let mut child = w.command(&["run", ENV]).spawn().unwrap();
+    let deleted = || {
+        w.sim
+            .snapshot()
+            .deleted
+            .get("dataverse/uat")
+            .copied()
+            .unwrap_or(0)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while deleted() < 1000 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run never started deleting"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let partial = deleted();
+    assert!(partial < 4000, "killed half-way ({partial} deleted)");
+    let before = w.status().await;
+    assert_eq!(before["status"], "running");
+
+    w.sim.set_faults(Faults::default());
+    let out = w.relink(&["run", ENV]).await;
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stderr.contains("resuming unfinished run"), "{out:?}");
+    let after = w.status().await;
+    assert_eq!(
+        after["run_id"], before["run_id"],
+        "the same run was resumed"
+    );
+    assert_eq!(stage(&after, "clear-dataverse-configs")["attempts"], 2);
+    let snap = w.sim.snapshot();
+    assert_eq!(snap.runtime_configs["uat"], 0);
+    assert!(
+        snap.deleted_twice.is_empty(),
+        "rows deleted twice: {:?}",
+        snap.deleted_twice
+    );
+    let archive = w.archived(after["run_id"].as_str().unwrap()).await;
+    let dv_rows = archive
+        .iter()
+        .filter(|r| r.table == "msdyn_dualwriteruntimeconfig")
+        .count();
+    assert_eq!(dv_rows, 4000, "every deleted row is archived exactly once");
+}
+
+#[tokio::test]
+async fn throttled_requests_wait_for_retry_after_and_the_run_completes() {
+    let w = World::new(Spec {
+        uat_rows: 3000,
+        registry_extra: "limits = { dataverse_batch_size = 250, dataverse_page_size = 1000 }"
+            .into(),
+        ..Spec::default()
+    })
+    .await;
+    w.sim.set_faults(Faults {
+        rate_429: 0.2,
+        retry_after_secs: 1,
+        rng_seed: Some(7),
+        ..Faults::default()
+    });
+    let out = w.relink(&["run", ENV]).await;
+    assert_eq!(out.code, 3, "{out:?}");
+    assert_eq!(w.sim.snapshot().runtime_configs["uat"], 0);
+    let log = w.sim.log();
+    let throttled: Vec<_> = log.iter().filter(|e| e.status == 429).collect();
+    assert!(
+        !throttled.is_empty(),
+        "the fault injection throttled something"
+    );
+    for t in &throttled {
+        let retry = log
+            .iter()
+            .find(|e| e.fingerprint == t.fingerprint && e.at_ms > t.at_ms)
+            .unwrap_or_else(|| panic!("a throttled request was never retried: {}", t.fingerprint));
+        let waited = retry.at_ms - t.at_ms;
+        assert!(
+            waited >= 1000.0,
+            "retried after {waited:.0} ms, before Retry-After: {}",
+            t.fingerprint
+        );
+    }
+    assert!(w.sim.snapshot().deleted_twice.is_empty());
+}
+
+#[tokio::test]
+async fn clearing_twenty_thousand_rows_takes_at_most_twenty_batches() {
+    let w = World::new(Spec {
+        uat_rows: 20_000,
+        ..Spec::default()
+    })
+    .await;
+    let out = w.relink(&["run", ENV]).await;
+    assert_eq!(out.code, 3, "{out:?}");
+    let snap = w.sim.snapshot();
+    assert_eq!(snap.runtime_configs["uat"], 0);
+    assert!(
+        snap.batch_requests["dataverse"] <= 20,
+        "{} batches",
+        snap.batch_requests["dataverse"]
+    );
+    assert_eq!(snap.single_deletes, 0);
+}
+
+#[tokio::test]
+async fn bad_input_exits_2_and_names_the_problem() {
+    let w = World::new(Spec::default()).await;
+
+    let event = w.dir.join("event.json");
+    std::fs::write(
+        &event,
+        format!(r#"{{"environment_id":"{ENV}","options":{{"dryrun":true}}}}"#),
+    )
+    .unwrap();
+    let out = w.relink(&["run", "--event", event.to_str().unwrap()]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("unknown field `dryrun`"), "{out:?}");
+
+    let out = w.relink(&["run", "contoso-typo"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stderr.contains("unknown environment `contoso-typo`"),
+        "{out:?}"
+    );
+
+    let text = std::fs::read_to_string(&w.config)
+        .unwrap()
+        .replace("allow_insecure_http", "allow_insecure_htp");
+    std::fs::write(&w.config, text).unwrap();
+    let out = w.relink(&["run", ENV]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("allow_insecure_htp"), "{out:?}");
+    assert_eq!(w.sim.snapshot().requests, 0);
+}
+
+#[tokio::test]
+async fn an_event_file_starts_a_run_like_a_queue_message() {
+    let w = World::new(Spec::default()).await;
+    let event = w.dir.join("event.json");
+    std::fs::write(
+        &event,
+        format!(r#"{{"environment_id":"{ENV}","options":{{"dry_run":true}}}}"#),
+    )
+    .unwrap();
+    let out = w
+        .relink(&["run", "--event", event.to_str().unwrap(), "--json"])
+        .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["options"]["dry_run"], true);
+    assert_eq!(out.json()["trigger"]["source"], "manual");
+}
+
+#[tokio::test]
+async fn a_rejected_secret_is_explained_and_never_shown() {
+    let w = World::new(Spec::default()).await;
+    let mut cmd = w.command(&["run", ENV]);
+    cmd.env(common::SECRET_VAR, "wrong-secret-value-123");
+    let out = cmd.output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("Entra ID rejected") && stdout.contains("client secret"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(
+        !stdout.contains("wrong-secret-value-123") && !stderr.contains("wrong-secret-value-123")
+    );
+    assert!(w.sim.snapshot().deleted.is_empty());
+}
+
+#[tokio::test]
+async fn from_stage_reruns_one_stage_with_its_guards() {
+    let w = World::new(Spec {
+        uat_rows: 50,
+        ..Spec::default()
+    })
+    .await;
+    let out = w
+        .relink(&[
+            "run",
+            ENV,
+            "--from-stage",
+            "clear-dataverse-configs",
+            "--json",
+        ])
+        .await;
+    assert_eq!(out.code, 3, "{out:?}");
+    let run = out.json();
+    assert_eq!(stage(&run, "detect-mismatch")["status"], "skipped");
+    assert_eq!(stage(&run, "purge-keys")["status"], "skipped");
+    assert_eq!(
+        stage(&run, "clear-dataverse-configs")["outcome"]["deleted"],
+        50
+    );
+    assert_eq!(
+        w.sim.snapshot().project_configs[ENV],
+        40,
+        "skipped stages touched nothing"
+    );
+}
