@@ -630,3 +630,311 @@ pub fn manual_instructions(env: &EnvConfig, run_id: &str) -> String {
         org = env.dataverse_unique_name,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    //! Stage decisions against in-memory ports: no network.
+
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::model::{RunOptions, Trigger};
+    use crate::ports::{EntitySet, FnoIntegration, Page};
+    use crate::progress::TracingSink;
+    use crate::registry::Registry;
+    use crate::store_sqlite::SqliteStore;
+
+    const DV: &str = "https://uat.crm.dynamics.com";
+
+    struct FakeDataverse {
+        unique_name: &'static str,
+        integrated: Option<&'static str>,
+        rows: Mutex<BTreeMap<String, Value>>,
+        /// Ids whose delete always fails.
+        stuck: Vec<String>,
+    }
+
+    #[async_trait]
+    impl DataverseApi for FakeDataverse {
+        async fn current_organization(&self) -> Result<Organization> {
+            Ok(Organization {
+                organization_id: uuid::Uuid::nil().to_string(),
+                unique_name: self.unique_name.into(),
+                friendly_name: String::new(),
+                url_name: String::new(),
+            })
+        }
+        async fn fno_integration(&self) -> Result<Option<FnoIntegration>> {
+            Ok(self.integrated.map(|u| FnoIntegration {
+                url: u.into(),
+                tenant_id: None,
+            }))
+        }
+        async fn runtime_config_set(&self) -> Result<Option<EntitySet>> {
+            Ok(Some(EntitySet {
+                name: "msdyn_dualwriteruntimeconfigs".into(),
+                primary_id: "id".into(),
+            }))
+        }
+        async fn first_page(&self, _: &EntitySet, size: usize) -> Result<Page> {
+            let rows: Vec<Value> = self.rows.lock().unwrap().values().cloned().collect();
+            let more = rows.len() > size;
+            Ok(Page {
+                rows: rows.into_iter().take(size).collect(),
+                next_link: more.then(|| format!("{size}")),
+            })
+        }
+        async fn next_page(&self, link: &str, size: usize) -> Result<Page> {
+            let skip: usize = link.parse().unwrap();
+            let rows: Vec<Value> = self
+                .rows
+                .lock()
+                .unwrap()
+                .values()
+                .skip(skip)
+                .cloned()
+                .collect();
+            let more = rows.len() > size;
+            Ok(Page {
+                rows: rows.into_iter().take(size).collect(),
+                next_link: more.then(|| format!("{}", skip + size)),
+            })
+        }
+        async fn delete_batch(&self, _: &EntitySet, ids: &[String]) -> Result<BatchOutcome> {
+            let mut out = BatchOutcome::default();
+            let mut rows = self.rows.lock().unwrap();
+            for id in ids {
+                if self.stuck.contains(id) {
+                    out.failed.push((id.clone(), "HTTP 500: stuck".into()));
+                } else if rows.remove(id).is_some() {
+                    out.deleted += 1;
+                } else {
+                    out.already_gone += 1;
+                }
+            }
+            Ok(out)
+        }
+    }
+
+    struct FakeFno {
+        rows: Mutex<Vec<Value>>,
+    }
+
+    #[async_trait]
+    impl FnoApi for FakeFno {
+        async fn project_configs(&self, _: Option<&str>, _: usize) -> Result<Page> {
+            Ok(Page {
+                rows: self.rows.lock().unwrap().clone(),
+                next_link: None,
+            })
+        }
+        async fn delete_project_configs(&self, names: &[String]) -> Result<BatchOutcome> {
+            let mut rows = self.rows.lock().unwrap();
+            let before = rows.len();
+            rows.retain(|r| !names.iter().any(|n| r["ProjectName"] == *n));
+            Ok(BatchOutcome {
+                deleted: before - rows.len(),
+                ..BatchOutcome::default()
+            })
+        }
+        fn has_purge_service(&self) -> bool {
+            false
+        }
+        async fn service_rows(&self, _: ServiceTable) -> Result<Vec<Value>> {
+            unreachable!("no purge service configured")
+        }
+        async fn service_delete(&self, _: ServiceTable, _: &[String]) -> Result<BatchOutcome> {
+            unreachable!("no purge service configured")
+        }
+    }
+
+    fn env() -> EnvConfig {
+        let text = format!(
+            "[environments.uat]\nkind = \"uat\"\nfno_url = \"https://uat.operations.dynamics.com\"\ndataverse_url = \"{DV}\"\n\
+             dataverse_unique_name = \"orguat\"\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret = {{ env = \"S\" }}\n\
+             limits = {{ dataverse_page_size = 10, dataverse_batch_size = 3 }}\n"
+        );
+        Registry::parse(&text, |_| Some("x".into()))
+            .unwrap()
+            .get("uat")
+            .unwrap()
+            .clone()
+    }
+
+    fn dataverse(rows: usize) -> FakeDataverse {
+        let rows = (0..rows)
+            .map(|i| {
+                (
+                    format!("{i:04}"),
+                    json!({"id": format!("{i:04}"), "msdyn_name": i}),
+                )
+            })
+            .collect();
+        FakeDataverse {
+            unique_name: "orguat",
+            integrated: None,
+            rows: Mutex::new(rows),
+            stuck: vec![],
+        }
+    }
+
+    fn fno(urls: &[&str]) -> FakeFno {
+        FakeFno { rows: Mutex::new(urls.iter().enumerate().map(|(i, u)| json!({"ProjectName": format!("p{i}"), "ExternalEnvironmentUrl": u})).collect()) }
+    }
+
+    async fn with_ctx<T>(
+        dv: &FakeDataverse,
+        fno: &FakeFno,
+        options: RunOptions,
+        f: impl AsyncFnOnce(&StageCtx<'_>) -> T,
+    ) -> T {
+        let env = env();
+        let store = SqliteStore::in_memory().unwrap();
+        let run = Run::new(
+            "01JDQ4N9Z3W8B7C6X5V4T3S2R1".into(),
+            "uat".into(),
+            options,
+            Trigger::default(),
+        );
+        let ctx = StageCtx {
+            env: &env,
+            run: &run,
+            store: &store,
+            dataverse: dv,
+            fno,
+            reset: &ManualReset,
+            sink: &TracingSink,
+        };
+        f(&ctx).await
+    }
+
+    #[tokio::test]
+    async fn configs_pointing_at_another_dataverse_are_stale() {
+        let (dv, fno) = (dataverse(5), fno(&["https://PROD.crm.dynamics.com/", DV]));
+        let r = with_ctx(&dv, &fno, RunOptions::default(), async |c| {
+            detect(c).await.unwrap()
+        })
+        .await;
+        assert_eq!(r.then, Then::Continue);
+        assert_eq!(r.outcome["fno_pointing_elsewhere"], 1);
+        assert_eq!(
+            r.outcome["other_dataverse_urls"][0],
+            "https://prod.crm.dynamics.com"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_clean_link_is_skipped_unless_forced() {
+        let (dv, fno) = (dataverse(5), fno(&[&format!("{DV}/")]));
+        let r = with_ctx(&dv, &fno, RunOptions::default(), async |c| {
+            detect(c).await.unwrap()
+        })
+        .await;
+        assert_eq!(
+            (r.status, r.then),
+            (StageStatus::Skipped, Then::Finish(RunStatus::Skipped))
+        );
+        let forced = with_ctx(
+            &dv,
+            &fno,
+            RunOptions {
+                force: true,
+                dry_run: false,
+            },
+            async |c| detect(c).await.unwrap(),
+        )
+        .await;
+        assert_eq!(forced.then, Then::Continue);
+        // Leftover runtime configs with no F&O link at all are stale too.
+        let r = with_ctx(&dv, &fno_rows_none(), RunOptions::default(), async |c| {
+            detect(c).await.unwrap()
+        })
+        .await;
+        assert_eq!(r.then, Then::Continue);
+    }
+
+    fn fno_rows_none() -> FakeFno {
+        fno(&[])
+    }
+
+    #[tokio::test]
+    async fn identity_and_integration_mismatches_are_refused() {
+        let mut dv = dataverse(5);
+        dv.unique_name = "orgprod";
+        let f = fno(&["https://prod.crm.dynamics.com"]);
+        let e = with_ctx(&dv, &f, RunOptions::default(), async |c| {
+            clear_configs(c).await.unwrap_err()
+        })
+        .await;
+        assert!(matches!(e, Error::Refused(_)), "{e}");
+        assert_eq!(dv.rows.lock().unwrap().len(), 5, "nothing deleted");
+        let mut dv = dataverse(5);
+        dv.integrated = Some("https://other.operations.dynamics.com");
+        let e = with_ctx(&dv, &f, RunOptions::default(), async |c| {
+            detect(c).await.unwrap_err()
+        })
+        .await;
+        assert!(e.to_string().contains("integrated with F&O"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn clearing_pages_archives_every_row_before_deleting_it() {
+        let (dv, f) = (dataverse(25), fno(&[]));
+        let (r, archived) = with_ctx(&dv, &f, RunOptions::default(), async |c| {
+            let r = clear_configs(c).await.unwrap();
+            (r, c.store.archived(&c.run.run_id).await.unwrap().len())
+        })
+        .await;
+        assert_eq!(r.outcome["deleted"], 25);
+        assert_eq!(
+            r.outcome["batches"], 10,
+            "pages of 10, 10, 5 in batches of 3"
+        );
+        assert_eq!(archived, 25);
+        assert!(dv.rows.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn dry_run_counts_across_pages_and_deletes_nothing() {
+        let (dv, f) = (dataverse(25), fno(&["https://prod.crm.dynamics.com"]));
+        let r = with_ctx(
+            &dv,
+            &f,
+            RunOptions {
+                dry_run: true,
+                force: false,
+            },
+            async |c| clear_configs(c).await.unwrap(),
+        )
+        .await;
+        assert_eq!(r.outcome["would_delete"], 25);
+        let p = with_ctx(
+            &dv,
+            &f,
+            RunOptions {
+                dry_run: true,
+                force: false,
+            },
+            async |c| purge_keys(c).await.unwrap(),
+        )
+        .await;
+        assert_eq!(p.outcome[FNO_TABLE]["would_delete"], 1);
+        assert_eq!(dv.rows.lock().unwrap().len(), 25);
+        assert_eq!(f.rows.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_row_that_keeps_failing_stops_the_stage_instead_of_looping() {
+        let mut dv = dataverse(4);
+        dv.stuck = vec!["0002".into()];
+        let e = with_ctx(&dv, &fno(&[]), RunOptions::default(), async |c| {
+            clear_configs(c).await.unwrap_err()
+        })
+        .await;
+        assert!(e.is_retryable() && e.to_string().contains("0002"), "{e}");
+        assert_eq!(dv.rows.lock().unwrap().len(), 1, "the other rows are gone");
+    }
+}
