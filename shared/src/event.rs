@@ -63,8 +63,12 @@ impl StageEvent {
                 body.len()
             )));
         }
-        let ev: StageEvent =
-            serde_json::from_str(body).map_err(|e| Error::BadEvent(e.to_string()))?;
+        let de = &mut serde_json::Deserializer::from_str(body);
+        let ev: StageEvent = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let msg = elide_values(&e.inner().to_string());
+            Error::BadEvent(if path == "." { msg } else { format!("field `{path}`: {msg}") })
+        })?;
         ev.validate()?;
         Ok(ev)
     }
@@ -78,17 +82,13 @@ impl StageEvent {
             )));
         }
         if !is_environment_id(&self.environment_id) {
-            return Err(Error::BadEvent(format!(
-                "field `environment_id` {:?} is not a registry key (1-64 of a-z, 0-9, '-', '_', starting with a letter or digit)",
-                truncate(&self.environment_id)
-            )));
+            return Err(Error::BadEvent(
+                "field `environment_id` is not a registry key (1-64 of a-z, 0-9, '-', '_', starting with a letter or digit)".into(),
+            ));
         }
         match &self.run_id {
             Some(id) if ulid::Ulid::from_string(id).is_err() => {
-                return Err(Error::BadEvent(format!(
-                    "field `run_id` {:?} is not a ULID (26 characters of Crockford base32)",
-                    truncate(id)
-                )));
+                return Err(Error::BadEvent("field `run_id` is not a ULID (26 characters of Crockford base32)".into()));
             }
             None if self.stage != Stage::DetectMismatch => {
                 return Err(Error::BadEvent(format!(
@@ -99,10 +99,7 @@ impl StageEvent {
             _ => {}
         }
         if !is_token(&self.trigger.source, 32) {
-            return Err(Error::BadEvent(format!(
-                "field `trigger.source` {:?} must be 1-32 of a-z, 0-9, '-', '_'",
-                truncate(&self.trigger.source)
-            )));
+            return Err(Error::BadEvent("field `trigger.source` must be 1-32 of a-z, 0-9, '-', '_'".into()));
         }
         if let Some(op) = &self.trigger.operation_id
             && (op.is_empty()
@@ -132,6 +129,28 @@ impl StageEvent {
     }
 }
 
+/// Replaces quoted values in a parser message with `"…"`: a poison message may carry a
+/// credential, and error messages end up in logs and records. Field names (in backticks) stay.
+fn elide_values(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut in_quote = false;
+    for c in msg.chars() {
+        match (c, in_quote) {
+            ('"', false) => {
+                in_quote = true;
+                out.push_str("\"…");
+            }
+            ('"', true) => {
+                in_quote = false;
+                out.push('"');
+            }
+            (_, true) => {}
+            (c, false) => out.push(c),
+        }
+    }
+    out
+}
+
 /// Whether `s` is a valid registry key.
 pub fn is_environment_id(s: &str) -> bool {
     is_token(s, 64)
@@ -145,10 +164,6 @@ fn is_token(s: &str, max: usize) -> bool {
             .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-}
-
-fn truncate(s: &str) -> String {
-    s.chars().take(40).collect()
 }
 
 #[cfg(test)]
@@ -212,6 +227,8 @@ mod tests {
             let e = StageEvent::parse(body).unwrap_err().to_string();
             assert!(e.contains(needle), "{body}: {e}");
         }
+        let e = StageEvent::parse(r#"{"environment_id":"a","version":"Bearer eyJhbGciOi"}"#).unwrap_err().to_string();
+        assert!(e.contains("version") && !e.contains("eyJ"), "values are elided: {e}");
         let big = format!(
             r#"{{"environment_id":"a","trigger":{{"operation_id":"{}"}}}}"#,
             "x".repeat(20_000)

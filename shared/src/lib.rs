@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod event;
+pub mod aws;
 pub mod http;
 pub mod model;
 pub mod pipeline;

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use jiff::Timestamp;
+
 use crate::error::{Error, Result};
 use crate::event::StageEvent;
 use crate::model::{Run, RunStatus, Stage, StageStatus};
@@ -26,6 +28,9 @@ pub struct Engine<'a> {
     pub lease: Duration,
     /// How long the run keeps its environment between two stages.
     pub handover_grace: Duration,
+    /// When the invocation must end (Lambda deadline): leases never outlive it, so a timed-out
+    /// attempt can be taken over as soon as it is dead.
+    pub deadline: Option<Timestamp>,
 }
 
 /// What handling an event did.
@@ -432,7 +437,9 @@ pub fn local_owner() -> LeaseOwner {
 
 /// Whether a local-process owner is known to be gone (`None`: cannot tell, e.g. another host).
 pub fn owner_is_gone(owner: &LeaseOwner) -> Option<bool> {
-    let rest = owner.0.strip_prefix("pid:")?;
+    // Anything after '#' distinguishes deliveries handled by the same process.
+    let id = owner.0.split('#').next().unwrap_or_default();
+    let rest = id.strip_prefix("pid:")?;
     let (ids, host) = rest.split_once('@')?;
     if host != hostname() {
         return None;

@@ -37,6 +37,20 @@ pub struct ArchivedRow {
     pub row: Value,
 }
 
+/// A queue message that could not be turned into work, kept so it is not lost silently.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rejected {
+    pub message_id: String,
+    pub received_at: Timestamp,
+    /// Why it was rejected (values from the body are elided).
+    pub error: String,
+    pub body_bytes: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+}
+
 /// Durable run progress, locks and the archive. Every state-moving write is conditional.
 #[async_trait]
 pub trait ProgressStore: Send + Sync {
@@ -76,8 +90,12 @@ pub trait ProgressStore: Send + Sync {
     /// Archives rows before they are deleted; archiving a row twice keeps one copy.
     async fn archive(&self, run_id: &str, environment_id: &str, rows: &[ArchivedRow])
     -> Result<()>;
-    /// Every row archived by a run, in archive order.
+    /// Every row archived by a run, one copy per row.
     async fn archived(&self, run_id: &str) -> Result<Vec<ArchivedRow>>;
+    /// Records a rejected message (poison) so operators can see it.
+    async fn record_rejected(&self, rejected: &Rejected) -> Result<()>;
+    /// Recently rejected messages, newest first.
+    async fn rejected(&self, limit: usize) -> Result<Vec<Rejected>>;
 }
 
 /// Where stage events go next (SQS in AWS, an in-process queue embedded).

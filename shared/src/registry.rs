@@ -215,6 +215,34 @@ impl Registry {
         Ok(Registry { environments })
     }
 
+    /// Builds a registry from entries stored one by one (the AWS table holds each entry as the
+    /// JSON form of its `[environments.ID]` table).
+    pub fn from_entries(entries: &[(String, serde_json::Value)], lookup: impl Fn(&str) -> Option<String>) -> Result<Registry> {
+        let mut environments = BTreeMap::new();
+        for (id, value) in entries {
+            let raw: RawEnv = serde_json::from_value(value.clone())
+                .map_err(|e| Error::Config(format!("registry entry `{id}` in the table: {e}")))?;
+            let cfg = validate(id, raw, &lookup).map_err(|e| Error::Config(format!("registry entry `{id}` in the table: {}", strip_prefix(e))))?;
+            environments.insert(id.clone(), cfg);
+        }
+        Ok(Registry { environments })
+    }
+
+    /// The `[environments.ID]` table of a registry file as JSON, validated, for storing in AWS.
+    pub fn entry_json(text: &str, id: &str) -> Result<serde_json::Value> {
+        Registry::parse(text, |_| Some("unused".into()))?.get(id)?;
+        let doc: toml::Table = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let entry = doc.get("environments").and_then(|e| e.get(id)).ok_or_else(|| Error::UnknownEnvironment(id.into()))?;
+        serde_json::to_value(entry).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// Sets an environment's resolved client secret.
+    pub fn set_secret(&mut self, id: &str, secret: Secret) {
+        if let Some(e) = self.environments.get_mut(id) {
+            e.client_secret = Some(secret);
+        }
+    }
+
     /// The entry for an environment, or [`Error::UnknownEnvironment`].
     pub fn get(&self, id: &str) -> Result<&EnvConfig> {
         self.environments
@@ -437,6 +465,14 @@ reset = { mode = "manual" }
             e.contains("CONTOSO_UAT_SECRET") && e.contains("not set"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn entries_round_trip_through_json() {
+        let json = Registry::entry_json(GOOD, "contoso-uat").unwrap();
+        assert_eq!(json["client_secret"]["env"], "CONTOSO_UAT_SECRET");
+        let reg = Registry::from_entries(&[("contoso-uat".into(), json)], lookup).unwrap();
+        assert_eq!(reg.get("contoso-uat").unwrap().dataverse_unique_name, "org6459f7a8");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::error::{Error, Result};
 use crate::model::Run;
-use crate::ports::{ArchivedRow, LeaseOwner, Lock, ProgressStore};
+use crate::ports::{ArchivedRow, LeaseOwner, Lock, ProgressStore, Rejected};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS runs (
@@ -39,6 +39,10 @@ CREATE TABLE IF NOT EXISTS archive (
     row_json TEXT NOT NULL,
     archived_at TEXT NOT NULL,
     UNIQUE (run_id, table_name, row_key)
+);
+CREATE TABLE IF NOT EXISTS rejected (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    body TEXT NOT NULL
 );
 ";
 
@@ -284,6 +288,19 @@ impl ProgressStore for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn record_rejected(&self, rejected: &Rejected) -> Result<()> {
+        let body = serde_json::to_string(rejected).expect("serialises");
+        self.conn().execute("INSERT INTO rejected (body) VALUES (?1)", [body])?;
+        Ok(())
+    }
+
+    async fn rejected(&self, limit: usize) -> Result<Vec<Rejected>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT body FROM rejected ORDER BY seq DESC LIMIT ?1")?;
+        let bodies = stmt.query_map([limit as i64], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
+        bodies.into_iter().map(|b| serde_json::from_str(&b).map_err(|e| Error::Store(e.to_string()))).collect()
     }
 }
 

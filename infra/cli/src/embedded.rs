@@ -64,6 +64,7 @@ impl Embedded {
             owner: local_owner(),
             lease: LEASE,
             handover_grace: LEASE,
+            deadline: None,
         }
     }
 
@@ -169,39 +170,27 @@ impl Embedded {
         Ok(Start::Event(event.for_stage(&run_id, from)))
     }
 
-    /// Waits until no live process holds the run: a dead local holder is released at once, a
-    /// holder that cannot be checked (another host) is waited for until its lease lapses.
+    /// Waits while the run's lock is held by a worker whose liveness cannot be checked (another
+    /// host) until its lease lapses; a dead holder on this host is taken over by the engine, a
+    /// live one is reported.
     async fn wait_for_dead_holder(&self, env: &str, run: &Run) -> Result<()> {
         let mut told = false;
         loop {
-            let Some(lock) = self.store.get_lock(env).await? else {
-                return Ok(());
-            };
-            let now = jiff::Timestamp::now();
-            if lock.lease_until <= now {
-                return Ok(());
-            }
-            let Some(owner) = &lock.owner else {
-                return Ok(());
-            };
-            if lock.run_id == run.run_id && owner_is_gone(owner) == Some(true) {
-                self.store
-                    .handover_lock(env, &lock.run_id, owner, Duration::ZERO)
-                    .await?;
-                return Ok(());
-            }
-            if owner_is_gone(owner) == Some(false) {
-                return Err(Error::LockHeld {
-                    environment: env.into(),
-                    holder: format!("{} (process {} is still running it)", lock.run_id, owner.0),
-                    until: lock.lease_until.to_string(),
-                });
+            let Some(lock) = self.store.get_lock(env).await? else { return Ok(()) };
+            let Some(owner) = lock.owner.as_ref().filter(|_| lock.lease_until > jiff::Timestamp::now()) else { return Ok(()) };
+            match owner_is_gone(owner) {
+                Some(true) if lock.run_id == run.run_id => return Ok(()),
+                Some(false) => {
+                    return Err(Error::LockHeld {
+                        environment: env.into(),
+                        holder: format!("{} (process {} is still running it)", lock.run_id, owner.0),
+                        until: lock.lease_until.to_string(),
+                    });
+                }
+                _ => {}
             }
             if !told {
-                eprintln!(
-                    "run {} of {env} is held by {} until {}; waiting for the lease to lapse",
-                    lock.run_id, owner.0, lock.lease_until
-                );
+                eprintln!("run {} of {env} is held by {} until {}; waiting for the lease to lapse", lock.run_id, owner.0, lock.lease_until);
                 told = true;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;

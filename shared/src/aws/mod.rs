@@ -1,0 +1,65 @@
+//! AWS adapters: the DynamoDB progress store and registry, the SQS stage queues, Secrets
+//! Manager, and the layout (names, timeouts) shared by the SAM template and the local stack.
+
+pub mod dynamo;
+pub mod secrets;
+pub mod sqs;
+pub mod stack;
+
+use std::time::Duration;
+
+use crate::model::Stage;
+
+/// Loads the SDK configuration from the environment (region, credentials, and
+/// `AWS_ENDPOINT_URL` for a local stack).
+pub async fn sdk_config() -> aws_config::SdkConfig {
+    aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await
+}
+
+/// Each function's timeout in the template; the queue's visibility timeout is six times it.
+pub fn function_timeout(stage: Stage) -> Duration {
+    Duration::from_secs(match stage {
+        Stage::DetectMismatch => 120,
+        Stage::PurgeKeys => 300,
+        Stage::ClearDataverseConfigs => 900,
+        Stage::ResetLink => 120,
+    })
+}
+
+/// Visibility timeout of a stage queue: at least six times the function timeout (AWS's guidance
+/// for SQS event sources, so a retried batch never overlaps a running one).
+pub fn visibility_timeout(stage: Stage) -> Duration {
+    function_timeout(stage) * 6
+}
+
+/// Deliveries before a message moves to the stage's dead-letter queue.
+pub const MAX_RECEIVE_COUNT: u32 = 5;
+
+/// Queue names: `{prefix}{stage}` and `{prefix}{stage}-dlq`.
+#[derive(Clone, Debug)]
+pub struct QueueNames {
+    pub prefix: String,
+}
+
+impl QueueNames {
+    /// The stage's queue.
+    pub fn queue(&self, stage: Stage) -> String {
+        format!("{}{}", self.prefix, stage.as_str())
+    }
+    /// The stage's dead-letter queue.
+    pub fn dlq(&self, stage: Stage) -> String {
+        format!("{}{}-dlq", self.prefix, stage.as_str())
+    }
+}
+
+/// The SDK's full error text (its `Display` alone says only "service error").
+pub(crate) fn sdk_error<E: std::error::Error>(e: &E) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
