@@ -67,7 +67,11 @@ impl StageEvent {
         let ev: StageEvent = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let msg = elide_values(&e.inner().to_string());
-            Error::BadEvent(if path == "." { msg } else { format!("field `{path}`: {msg}") })
+            Error::BadEvent(if path == "." {
+                msg
+            } else {
+                format!("field `{path}`: {msg}")
+            })
         })?;
         ev.validate()?;
         Ok(ev)
@@ -88,7 +92,9 @@ impl StageEvent {
         }
         match &self.run_id {
             Some(id) if ulid::Ulid::from_string(id).is_err() => {
-                return Err(Error::BadEvent("field `run_id` is not a ULID (26 characters of Crockford base32)".into()));
+                return Err(Error::BadEvent(
+                    "field `run_id` is not a ULID (26 characters of Crockford base32)".into(),
+                ));
             }
             None if self.stage != Stage::DetectMismatch => {
                 return Err(Error::BadEvent(format!(
@@ -99,7 +105,9 @@ impl StageEvent {
             _ => {}
         }
         if !is_token(&self.trigger.source, 32) {
-            return Err(Error::BadEvent("field `trigger.source` must be 1-32 of a-z, 0-9, '-', '_'".into()));
+            return Err(Error::BadEvent(
+                "field `trigger.source` must be 1-32 of a-z, 0-9, '-', '_'".into(),
+            ));
         }
         if let Some(op) = &self.trigger.operation_id
             && (op.is_empty()
@@ -227,8 +235,13 @@ mod tests {
             let e = StageEvent::parse(body).unwrap_err().to_string();
             assert!(e.contains(needle), "{body}: {e}");
         }
-        let e = StageEvent::parse(r#"{"environment_id":"a","version":"Bearer eyJhbGciOi"}"#).unwrap_err().to_string();
-        assert!(e.contains("version") && !e.contains("eyJ"), "values are elided: {e}");
+        let e = StageEvent::parse(r#"{"environment_id":"a","version":"Bearer eyJhbGciOi"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("version") && !e.contains("eyJ"),
+            "values are elided: {e}"
+        );
         let big = format!(
             r#"{{"environment_id":"a","trigger":{{"operation_id":"{}"}}}}"#,
             "x".repeat(20_000)

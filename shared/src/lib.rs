@@ -3,10 +3,11 @@
 //! F&O HTTP clients) and the four stages. Binaries (the CLI, the Lambda functions) only wire
 //! adapters to [`pipeline`].
 
+pub mod aws;
 pub mod error;
 pub mod event;
-pub mod aws;
 pub mod http;
+pub mod lambda;
 pub mod model;
 pub mod pipeline;
 pub mod ports;

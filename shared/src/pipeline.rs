@@ -151,12 +151,40 @@ impl Engine<'_> {
         }
     }
 
+    /// The lease to ask for now: the configured one, cut at the deadline.
+    fn lease_now(&self) -> Duration {
+        match self.deadline {
+            Some(d) => Duration::try_from(d - Timestamp::now())
+                .unwrap_or(Duration::ZERO)
+                .min(self.lease)
+                .max(Duration::from_secs(1)),
+            None => self.lease,
+        }
+    }
+
     async fn take_lock(&self, env: &EnvConfig, run: &Run) -> Result<()> {
-        match self
+        let mut outcome = self
             .store
-            .acquire_lock(&env.id, &run.run_id, &self.owner, self.lease)
-            .await?
+            .acquire_lock(&env.id, &run.run_id, &self.owner, self.lease_now())
+            .await?;
+        if let Err(held) = &outcome
+            && held.run_id == run.run_id
+            && let Some(dead) = held
+                .owner
+                .as_ref()
+                .filter(|o| owner_is_gone(o) == Some(true))
         {
+            // The same run's previous worker died on this host: take over without waiting.
+            tracing::warn!(run_id = %run.run_id, dead_owner = %dead.0, "taking over from a dead worker");
+            self.store
+                .handover_lock(&env.id, &run.run_id, dead, Duration::ZERO)
+                .await?;
+            outcome = self
+                .store
+                .acquire_lock(&env.id, &run.run_id, &self.owner, self.lease_now())
+                .await?;
+        }
+        match outcome {
             Ok(_) => Ok(()),
             Err(held) => Err(Error::LockHeld {
                 environment: env.id.clone(),
@@ -183,7 +211,7 @@ impl Engine<'_> {
                 tokio::time::sleep(self.lease / 3).await;
                 match self
                     .store
-                    .acquire_lock(&env.id, run_id, &self.owner, self.lease)
+                    .acquire_lock(&env.id, run_id, &self.owner, self.lease_now())
                     .await
                 {
                     Ok(Ok(_)) => {}

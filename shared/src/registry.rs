@@ -217,12 +217,20 @@ impl Registry {
 
     /// Builds a registry from entries stored one by one (the AWS table holds each entry as the
     /// JSON form of its `[environments.ID]` table).
-    pub fn from_entries(entries: &[(String, serde_json::Value)], lookup: impl Fn(&str) -> Option<String>) -> Result<Registry> {
+    pub fn from_entries(
+        entries: &[(String, serde_json::Value)],
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Registry> {
         let mut environments = BTreeMap::new();
         for (id, value) in entries {
             let raw: RawEnv = serde_json::from_value(value.clone())
                 .map_err(|e| Error::Config(format!("registry entry `{id}` in the table: {e}")))?;
-            let cfg = validate(id, raw, &lookup).map_err(|e| Error::Config(format!("registry entry `{id}` in the table: {}", strip_prefix(e))))?;
+            let cfg = validate(id, raw, &lookup).map_err(|e| {
+                Error::Config(format!(
+                    "registry entry `{id}` in the table: {}",
+                    strip_prefix(e)
+                ))
+            })?;
             environments.insert(id.clone(), cfg);
         }
         Ok(Registry { environments })
@@ -232,7 +240,10 @@ impl Registry {
     pub fn entry_json(text: &str, id: &str) -> Result<serde_json::Value> {
         Registry::parse(text, |_| Some("unused".into()))?.get(id)?;
         let doc: toml::Table = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
-        let entry = doc.get("environments").and_then(|e| e.get(id)).ok_or_else(|| Error::UnknownEnvironment(id.into()))?;
+        let entry = doc
+            .get("environments")
+            .and_then(|e| e.get(id))
+            .ok_or_else(|| Error::UnknownEnvironment(id.into()))?;
         serde_json::to_value(entry).map_err(|e| Error::Config(e.to_string()))
     }
 
@@ -472,7 +483,10 @@ reset = { mode = "manual" }
         let json = Registry::entry_json(GOOD, "contoso-uat").unwrap();
         assert_eq!(json["client_secret"]["env"], "CONTOSO_UAT_SECRET");
         let reg = Registry::from_entries(&[("contoso-uat".into(), json)], lookup).unwrap();
-        assert_eq!(reg.get("contoso-uat").unwrap().dataverse_unique_name, "org6459f7a8");
+        assert_eq!(
+            reg.get("contoso-uat").unwrap().dataverse_unique_name,
+            "org6459f7a8"
+        );
     }
 
     #[test]

@@ -291,26 +291,98 @@ impl Tally {
     }
 }
 
-/// Deletes every row a pager returns, page by page: archive the page, delete it in batches with
+/// A table whose rows a stage deletes: the first page of what is left, and batched deletes.
+#[async_trait::async_trait]
+trait Purgeable: Send + Sync {
+    /// The table name for archives and progress.
+    fn table(&self) -> &'static str;
+    /// The field of a row that holds its key.
+    fn key_field(&self) -> &str;
+    /// The first page of the rows still present.
+    async fn first_page(&self) -> Result<Vec<Value>>;
+    /// Deletes rows by key in one request.
+    async fn delete(&self, keys: &[String]) -> Result<BatchOutcome>;
+}
+
+struct DataverseRows<'a> {
+    dv: &'a dyn DataverseApi,
+    set: crate::ports::EntitySet,
+    page_size: usize,
+}
+
+#[async_trait::async_trait]
+impl Purgeable for DataverseRows<'_> {
+    fn table(&self) -> &'static str {
+        DATAVERSE_TABLE
+    }
+    fn key_field(&self) -> &str {
+        &self.set.primary_id
+    }
+    async fn first_page(&self) -> Result<Vec<Value>> {
+        Ok(self.dv.first_page(&self.set, self.page_size).await?.rows)
+    }
+    async fn delete(&self, keys: &[String]) -> Result<BatchOutcome> {
+        self.dv.delete_batch(&self.set, keys).await
+    }
+}
+
+struct ProjectConfigs<'a> {
+    fno: &'a dyn FnoApi,
+    page_size: usize,
+}
+
+#[async_trait::async_trait]
+impl Purgeable for ProjectConfigs<'_> {
+    fn table(&self) -> &'static str {
+        FNO_TABLE
+    }
+    fn key_field(&self) -> &str {
+        "ProjectName"
+    }
+    async fn first_page(&self) -> Result<Vec<Value>> {
+        Ok(self.fno.project_configs(None, self.page_size).await?.rows)
+    }
+    async fn delete(&self, keys: &[String]) -> Result<BatchOutcome> {
+        self.fno.delete_project_configs(keys).await
+    }
+}
+
+struct ServiceRows<'a> {
+    fno: &'a dyn FnoApi,
+    table: ServiceTable,
+}
+
+#[async_trait::async_trait]
+impl Purgeable for ServiceRows<'_> {
+    fn table(&self) -> &'static str {
+        self.table.as_str()
+    }
+    fn key_field(&self) -> &str {
+        "key"
+    }
+    async fn first_page(&self) -> Result<Vec<Value>> {
+        self.fno.service_rows(self.table).await
+    }
+    async fn delete(&self, keys: &[String]) -> Result<BatchOutcome> {
+        self.fno.service_delete(self.table, keys).await
+    }
+}
+
+/// Deletes every row of a table, page by page: archive the page, delete it in batches with
 /// bounded concurrency, read the first page again. Gives up on rows that keep failing.
-async fn purge_pages<P, D>(
+async fn purge_pages(
     ctx: &StageCtx<'_>,
-    table: &'static str,
-    key_field: &str,
+    rows_of: &dyn Purgeable,
     batch_size: usize,
     concurrency: usize,
-    mut first_page: P,
-    delete: D,
-) -> Result<Tally>
-where
-    P: AsyncFnMut() -> Result<Vec<Value>>,
-    D: AsyncFn(&[String]) -> Result<BatchOutcome>,
-{
+) -> Result<Tally> {
+    let table = rows_of.table();
+    let key_field = rows_of.key_field();
     let mut tally = Tally::default();
     let mut failures: HashMap<String, u32> = HashMap::new();
     let mut idle = 0;
     loop {
-        let rows = first_page().await?;
+        let rows = rows_of.first_page().await?;
         if rows.is_empty() {
             return Ok(tally);
         }
@@ -332,6 +404,7 @@ where
             });
             keys.push(key);
         }
+        drop(rows);
         ctx.store
             .archive(&ctx.run.run_id, &ctx.env.id, &archived)
             .await?;
@@ -342,8 +415,10 @@ where
             rows: tally.found,
         });
         let mut pass_deleted = 0;
-        let mut results = futures::stream::iter(keys.chunks(batch_size).map(|c| delete(c)))
-            .buffer_unordered(concurrency);
+        // Futures collected first: a closure inside the stream type trips rustc's higher-ranked
+        // `Send` check (rust-lang/rust#102211) when the stage runs on a spawned task.
+        let deletes: Vec<_> = keys.chunks(batch_size).map(|c| rows_of.delete(c)).collect();
+        let mut results = futures::stream::iter(deletes).buffer_unordered(concurrency);
         let mut first_error = None;
         while let Some(r) = results.next().await {
             match r {
@@ -393,20 +468,6 @@ where
     }
 }
 
-/// Counts a pager's rows without deleting (dry run).
-async fn count_pages<F>(mut page: F) -> Result<usize>
-where
-    F: AsyncFnMut(Option<String>) -> Result<(usize, Option<String>)>,
-{
-    let (mut n, mut next) = page(None).await?;
-    while let Some(link) = next {
-        let (k, nx) = page(Some(link)).await?;
-        n += k;
-        next = nx;
-    }
-    Ok(n)
-}
-
 /// Stage `purge-keys`: F&O key tables (OData, then the optional purge service). Archives first.
 pub async fn purge_keys(ctx: &StageCtx<'_>) -> Result<StageReport> {
     guard_identity(ctx.env, ctx.dataverse).await?;
@@ -414,33 +475,28 @@ pub async fn purge_keys(ctx: &StageCtx<'_>) -> Result<StageReport> {
     let limits = ctx.env.limits;
     let mut outcome = serde_json::Map::new();
     let configs = if dry {
-        let n = count_pages(async |next: Option<String>| {
-            let p = ctx
+        let mut page = ctx.fno.project_configs(None, limits.fno_page_size).await?;
+        let mut found = page.rows.len();
+        while let Some(link) = page.next_link.take() {
+            page = ctx
                 .fno
-                .project_configs(next.as_deref(), limits.fno_page_size)
+                .project_configs(Some(&link), limits.fno_page_size)
                 .await?;
-            Ok((p.rows.len(), p.next_link))
-        })
-        .await?;
+            found += page.rows.len();
+        }
         Tally {
-            found: n,
+            found,
             ..Tally::default()
         }
     } else {
         purge_pages(
             ctx,
-            FNO_TABLE,
-            "ProjectName",
+            &ProjectConfigs {
+                fno: ctx.fno,
+                page_size: limits.fno_page_size,
+            },
             limits.fno_batch_size,
             1,
-            async || {
-                Ok(ctx
-                    .fno
-                    .project_configs(None, limits.fno_page_size)
-                    .await?
-                    .rows)
-            },
-            async |keys: &[String]| ctx.fno.delete_project_configs(keys).await,
         )
         .await?
     };
@@ -464,12 +520,12 @@ pub async fn purge_keys(ctx: &StageCtx<'_>) -> Result<StageReport> {
         } else {
             purge_pages(
                 ctx,
-                name,
-                "key",
+                &ServiceRows {
+                    fno: ctx.fno,
+                    table,
+                },
                 limits.fno_batch_size,
                 1,
-                async || ctx.fno.service_rows(table).await,
-                async |keys: &[String]| ctx.fno.service_delete(table, keys).await,
             )
             .await?
         };
@@ -507,20 +563,16 @@ pub async fn clear_configs(ctx: &StageCtx<'_>) -> Result<StageReport> {
             ..Tally::default()
         }
     } else {
+        let rows = DataverseRows {
+            dv: ctx.dataverse,
+            set: set.clone(),
+            page_size: limits.dataverse_page_size,
+        };
         purge_pages(
             ctx,
-            DATAVERSE_TABLE,
-            &set.primary_id,
+            &rows,
             limits.dataverse_batch_size,
             limits.dataverse_concurrency,
-            async || {
-                Ok(ctx
-                    .dataverse
-                    .first_page(&set, limits.dataverse_page_size)
-                    .await?
-                    .rows)
-            },
-            async |ids: &[String]| ctx.dataverse.delete_batch(&set, ids).await,
         )
         .await?
     };

@@ -292,15 +292,21 @@ impl ProgressStore for SqliteStore {
 
     async fn record_rejected(&self, rejected: &Rejected) -> Result<()> {
         let body = serde_json::to_string(rejected).expect("serialises");
-        self.conn().execute("INSERT INTO rejected (body) VALUES (?1)", [body])?;
+        self.conn()
+            .execute("INSERT INTO rejected (body) VALUES (?1)", [body])?;
         Ok(())
     }
 
     async fn rejected(&self, limit: usize) -> Result<Vec<Rejected>> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT body FROM rejected ORDER BY seq DESC LIMIT ?1")?;
-        let bodies = stmt.query_map([limit as i64], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
-        bodies.into_iter().map(|b| serde_json::from_str(&b).map_err(|e| Error::Store(e.to_string()))).collect()
+        let bodies = stmt
+            .query_map([limit as i64], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        bodies
+            .into_iter()
+            .map(|b| serde_json::from_str(&b).map_err(|e| Error::Store(e.to_string())))
+            .collect()
     }
 }
 

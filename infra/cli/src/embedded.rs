@@ -176,21 +176,35 @@ impl Embedded {
     async fn wait_for_dead_holder(&self, env: &str, run: &Run) -> Result<()> {
         let mut told = false;
         loop {
-            let Some(lock) = self.store.get_lock(env).await? else { return Ok(()) };
-            let Some(owner) = lock.owner.as_ref().filter(|_| lock.lease_until > jiff::Timestamp::now()) else { return Ok(()) };
+            let Some(lock) = self.store.get_lock(env).await? else {
+                return Ok(());
+            };
+            let Some(owner) = lock
+                .owner
+                .as_ref()
+                .filter(|_| lock.lease_until > jiff::Timestamp::now())
+            else {
+                return Ok(());
+            };
             match owner_is_gone(owner) {
                 Some(true) if lock.run_id == run.run_id => return Ok(()),
                 Some(false) => {
                     return Err(Error::LockHeld {
                         environment: env.into(),
-                        holder: format!("{} (process {} is still running it)", lock.run_id, owner.0),
+                        holder: format!(
+                            "{} (process {} is still running it)",
+                            lock.run_id, owner.0
+                        ),
                         until: lock.lease_until.to_string(),
                     });
                 }
                 _ => {}
             }
             if !told {
-                eprintln!("run {} of {env} is held by {} until {}; waiting for the lease to lapse", lock.run_id, owner.0, lock.lease_until);
+                eprintln!(
+                    "run {} of {env} is held by {} until {}; waiting for the lease to lapse",
+                    lock.run_id, owner.0, lock.lease_until
+                );
                 told = true;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -236,22 +250,40 @@ pub async fn confirm(config: &Path, store: &Path, run_id: &str) -> Result<Run> {
         .await
 }
 
-/// `relink status`: prints runs and returns exit code 0.
-pub async fn status(
-    store: &Path,
-    env: Option<&str>,
-    run_id: Option<&str>,
-    json: bool,
-    limit: usize,
-) -> Result<u8> {
+/// What `relink status` shows.
+pub struct StatusQuery<'a> {
+    pub env: Option<&'a str>,
+    pub run_id: Option<&'a str>,
+    pub json: bool,
+    pub limit: usize,
+    pub rejected: bool,
+}
+
+/// The embedded store for `relink status`, which must not create an empty one.
+pub fn open_store_for_status(store: &Path) -> Result<SqliteStore> {
     if !store.exists() {
         return Err(Error::Config(format!(
-            "no progress store at {}: nothing has run here yet (or pass --store)",
+            "no progress store at {}: nothing has run here yet (or pass --store, or --table for AWS)",
             store.display()
         )));
     }
-    let store = SqliteStore::open(store)?;
-    let runs: Vec<Run> = match (run_id, env) {
+    SqliteStore::open(store)
+}
+
+/// `relink status`: prints runs (or rejected messages) and returns exit code 0.
+pub async fn status(store: &dyn ProgressStore, q: StatusQuery<'_>) -> Result<u8> {
+    if q.rejected {
+        let rejected = store.rejected(q.limit).await?;
+        if q.json {
+            println!("{}", serde_json::to_string_pretty(&rejected).expect("json"));
+        } else {
+            for r in &rejected {
+                println!("{}  message {}  {}", r.received_at, r.message_id, r.error);
+            }
+        }
+        return Ok(crate::exit::OK);
+    }
+    let runs: Vec<Run> = match (q.run_id, q.env) {
         (Some(id), _) => vec![
             store
                 .get_run(id)
@@ -259,10 +291,10 @@ pub async fn status(
                 .ok_or_else(|| Error::RunNotFound(id.into()))?,
         ],
         (None, Some(env)) => store.latest_run(env).await?.into_iter().collect(),
-        (None, None) => store.recent_runs(limit).await?,
+        (None, None) => store.recent_runs(q.limit).await?,
     };
-    let single = run_id.is_some() || env.is_some();
-    if json {
+    let single = q.run_id.is_some() || q.env.is_some();
+    if q.json {
         let value = if single {
             runs.first()
                 .map(display::run_json)
@@ -274,7 +306,7 @@ pub async fn status(
     } else if runs.is_empty() {
         println!(
             "no runs recorded{}",
-            env.map(|e| format!(" for {e}")).unwrap_or_default()
+            q.env.map(|e| format!(" for {e}")).unwrap_or_default()
         );
     } else if single {
         print!("{}", display::run_text(&runs[0]));

@@ -2,6 +2,7 @@
 //! embedded store (SQLite) and an in-process queue; `confirm`, `status`, `sim` and `demo`
 //! complete it. Results go to stdout, progress and logs to stderr.
 
+mod aws_mode;
 mod demo;
 mod display;
 mod embedded;
@@ -9,9 +10,12 @@ mod embedded;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use clap::{Parser, Subcommand};
 use relink_shared::Error;
-use relink_shared::model::{Run, RunStatus};
+use relink_shared::model::{Run, RunOptions, RunStatus, Stage};
 
 /// Exit codes (ARCHITECTURE.md): 0 succeeded or skipped, 1 failed, 2 usage or configuration
 /// error, 3 awaiting confirmation, 4 refused by a guard.
@@ -49,6 +53,17 @@ struct Cli {
     /// Log lines as JSON (for pipelines); the level comes from RELINK_LOG (default warn).
     #[arg(long, global = true)]
     log_json: bool,
+    /// AWS mode: the DynamoDB table holding progress and the registry (as deployed by template.yaml).
+    #[arg(long, global = true, env = "RELINK_TABLE")]
+    table: Option<String>,
+    /// AWS mode: queue names are PREFIX{stage} (and PREFIX{stage}-dlq).
+    #[arg(
+        long,
+        global = true,
+        env = "RELINK_QUEUE_PREFIX",
+        default_value = "relink-"
+    )]
+    queue_prefix: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -82,7 +97,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show runs: the environment's latest, one run, or recent runs.
+    /// Show runs: the environment's latest, one run, or recent runs (the table in AWS mode).
     Status {
         env: Option<String>,
         #[arg(long = "run", value_name = "RUN_ID")]
@@ -92,7 +107,49 @@ enum Command {
         /// How many recent runs to list.
         #[arg(long, default_value_t = 20)]
         limit: usize,
+        /// List rejected (poison) messages instead of runs.
+        #[arg(long, conflicts_with_all = ["env", "run_id"])]
+        rejected: bool,
     },
+    /// AWS mode: poll the stage queues like Lambda's SQS event source and run the stage handlers.
+    Worker {
+        /// Messages per batch (1-10).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(i32).range(1..=10))]
+        batch_size: i32,
+        /// Long-polling wait in seconds (0-20).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=20))]
+        wait_secs: u64,
+        /// Visibility timeout of received messages in seconds (the handler's deadline).
+        #[arg(long, default_value_t = 900)]
+        visibility_secs: u64,
+        /// Exit once every queue has been empty this many seconds.
+        #[arg(long)]
+        idle_exit_secs: Option<u64>,
+        /// Hand every batch to the handler twice, concurrently (an at-least-once delivery drill).
+        #[arg(long)]
+        deliver_twice: bool,
+    },
+    /// AWS mode: send an event to a stage queue (a rerun, or a run started by hand).
+    Inject {
+        env: String,
+        #[arg(long, default_value = "detect-mismatch")]
+        stage: String,
+        /// The existing run to rerun a stage of (required for stages after detect-mismatch).
+        #[arg(long = "run", value_name = "RUN_ID")]
+        run_id: Option<String>,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// AWS mode: registry entries in the table.
+    #[command(subcommand)]
+    Env(EnvCommand),
+    /// AWS mode: create the table and queues like template.yaml does, on a local stack (moto).
+    #[command(subcommand, name = "local-stack")]
+    LocalStack(LocalStackCommand),
     /// Serve the Entra ID, Dataverse and F&O simulators on 127.0.0.1 until interrupted.
     Sim {
         #[arg(long, default_value_t = 0)]
@@ -110,6 +167,32 @@ enum Command {
         /// Keep the demo's registry and store (printed) instead of deleting them.
         #[arg(long)]
         keep: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum EnvCommand {
+    /// Store the [environments.ENV] entry of --config in the table (secrets as ARNs).
+    Push {
+        env: String,
+        /// Accept `client_secret = { env = ... }` (local stacks only: the functions would need the variable).
+        #[arg(long)]
+        allow_env_secret: bool,
+    },
+    /// List the entries stored in the table.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum LocalStackCommand {
+    /// Create the table (PK/SK, gsi1, TTL) and each stage's queue and dead-letter queue.
+    Create {
+        /// Visibility timeout of the stage queues (default: six times each function's timeout).
+        #[arg(long)]
+        visibility_secs: Option<u64>,
     },
 }
 
@@ -138,37 +221,40 @@ fn init_logs(json: bool) {
 }
 
 async fn dispatch(cli: Cli) -> u8 {
+    let aws_args = cli.table.clone().map(|table| aws_mode::AwsArgs {
+        table,
+        queue_prefix: cli.queue_prefix.clone(),
+    });
     let result = match cli.command {
-        Command::Run {
-            env,
-            event,
-            dry_run,
-            force,
-            from_stage,
-            json,
-        } => {
-            let req = embedded::RunRequest {
-                env,
-                event,
-                dry_run,
-                force,
-                from_stage,
-            };
-            embedded::run(&cli.config, &cli.store, req)
-                .await
-                .map(|run| report(&run, json))
+        Command::Run { env, event, dry_run, force, from_stage, json } => {
+            let req = embedded::RunRequest { env, event, dry_run, force, from_stage };
+            embedded::run(&cli.config, &cli.store, req).await.map(|run| report(&run, json))
         }
-        Command::Confirm { run_id, json } => embedded::confirm(&cli.config, &cli.store, &run_id)
-            .await
-            .map(|run| report(&run, json)),
-        Command::Status {
-            env,
-            run_id,
-            json,
-            limit,
-        } => embedded::status(&cli.store, env.as_deref(), run_id.as_deref(), json, limit).await,
+        Command::Confirm { run_id, json } => {
+            let run = match &aws_args {
+                Some(a) => aws_mode::Aws::connect(a).await.confirm(&run_id, Arc::new(display::Display::new())).await,
+                None => embedded::confirm(&cli.config, &cli.store, &run_id).await,
+            };
+            run.map(|run| report(&run, json))
+        }
+        Command::Status { env, run_id, json, limit, rejected } => {
+            let query = embedded::StatusQuery { env: env.as_deref(), run_id: run_id.as_deref(), json, limit, rejected };
+            match &aws_args {
+                Some(a) => embedded::status(&aws_mode::Aws::connect(a).await.store, query).await,
+                None => match embedded::open_store_for_status(&cli.store) {
+                    Ok(store) => embedded::status(&store, query).await,
+                    Err(e) => Err(e),
+                },
+            }
+        }
         Command::Sim { port, seed, faults } => demo::serve(port, seed, faults).await,
         Command::Demo { keep } => demo::run(keep).await,
+        aws_command => match &aws_args {
+            Some(a) => aws_dispatch(aws_mode::Aws::connect(a).await, aws_command, &cli.config).await,
+            None => Err(Error::Config(
+                "this command needs AWS mode: pass --table (or set RELINK_TABLE) and, unless it is relink-, --queue-prefix".into(),
+            )),
+        },
     };
     match result {
         Ok(code) => code,
@@ -176,6 +262,58 @@ async fn dispatch(cli: Cli) -> u8 {
             eprintln!("error: {e}");
             error_code(&e)
         }
+    }
+}
+
+async fn aws_dispatch(
+    aws: aws_mode::Aws,
+    command: Command,
+    config: &std::path::Path,
+) -> relink_shared::Result<u8> {
+    match command {
+        Command::Worker {
+            batch_size,
+            wait_secs,
+            visibility_secs,
+            idle_exit_secs,
+            deliver_twice,
+        } => {
+            let opts = aws_mode::WorkerOpts {
+                batch_size,
+                wait: Duration::from_secs(wait_secs),
+                visibility: Duration::from_secs(visibility_secs.max(1)),
+                idle_exit: idle_exit_secs.map(Duration::from_secs),
+                deliver_twice,
+            };
+            aws.worker(opts).await
+        }
+        Command::Inject {
+            env,
+            stage,
+            run_id,
+            dry_run,
+            force,
+            json,
+        } => {
+            aws.inject(
+                &env,
+                Stage::parse(&stage)?,
+                run_id,
+                RunOptions { dry_run, force },
+                json,
+            )
+            .await
+        }
+        Command::Env(EnvCommand::Push {
+            env,
+            allow_env_secret,
+        }) => aws.env_push(config, &env, allow_env_secret).await,
+        Command::Env(EnvCommand::List { json }) => aws.env_list(json).await,
+        Command::LocalStack(LocalStackCommand::Create { visibility_secs }) => {
+            aws.create_stack(visibility_secs.map(Duration::from_secs))
+                .await
+        }
+        _ => unreachable!("embedded commands are dispatched before"),
     }
 }
 

@@ -18,7 +18,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::types::{AttributeValue, Put, PutRequest, ReturnValuesOnConditionCheckFailure, TransactWriteItem, WriteRequest};
+use aws_sdk_dynamodb::types::{
+    AttributeValue, Put, PutRequest, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
+    WriteRequest,
+};
 use jiff::Timestamp;
 use serde_json::Value;
 
@@ -57,7 +60,9 @@ fn get_s<'a>(item: &'a Item, k: &str) -> Option<&'a str> {
 }
 
 fn get_n(item: &Item, k: &str) -> Option<i64> {
-    item.get(k).and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok())
+    item.get(k)
+        .and_then(|v| v.as_n().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 fn env_pk(env: &str) -> String {
@@ -77,7 +82,11 @@ fn store_err<E: std::error::Error>(op: &str, e: &E) -> Error {
 impl DynamoStore {
     /// A store on `table`.
     pub fn new(client: Client, table: impl Into<String>) -> DynamoStore {
-        DynamoStore { client, table: table.into(), retention: DEFAULT_RETENTION }
+        DynamoStore {
+            client,
+            table: table.into(),
+            retention: DEFAULT_RETENTION,
+        }
     }
 
     /// Keeps items for `retention` (the `expires_at` TTL).
@@ -109,7 +118,10 @@ impl DynamoStore {
             ("run_id".into(), s(&run.run_id)),
             ("status".into(), s(run.status.as_str())),
             ("version".into(), n(run.version)),
-            ("body".into(), s(serde_json::to_string(run).expect("a run serialises"))),
+            (
+                "body".into(),
+                s(serde_json::to_string(run).expect("a run serialises")),
+            ),
             ("expires_at".into(), n(self.expires_at())),
         ])
     }
@@ -118,8 +130,11 @@ impl DynamoStore {
         if get_n(item, "expires_at").is_some_and(|t| t < Timestamp::now().as_second()) {
             return Ok(None);
         }
-        let body = get_s(item, "body").ok_or_else(|| Error::Store("run item without body".into()))?;
-        serde_json::from_str(body).map(Some).map_err(|e| Error::Store(format!("unreadable run item: {e}")))
+        let body =
+            get_s(item, "body").ok_or_else(|| Error::Store("run item without body".into()))?;
+        serde_json::from_str(body)
+            .map(Some)
+            .map_err(|e| Error::Store(format!("unreadable run item: {e}")))
     }
 
     async fn get_item(&self, pk: String, sk: &str) -> Result<Option<Item>> {
@@ -137,7 +152,10 @@ impl DynamoStore {
     }
 
     async fn environment_of(&self, run_id: &str) -> Result<Option<String>> {
-        Ok(self.get_item(format!("RUN#{run_id}"), "RUN").await?.and_then(|i| get_s(&i, "environment_id").map(str::to_string)))
+        Ok(self
+            .get_item(format!("RUN#{run_id}"), "RUN")
+            .await?
+            .and_then(|i| get_s(&i, "environment_id").map(str::to_string)))
     }
 
     async fn query_all(&self, pk: String, sk_prefix: &str) -> Result<Vec<Item>> {
@@ -183,7 +201,9 @@ impl DynamoStore {
             let out = q.send().await.map_err(|e| store_err("Query gsi1", &e))?;
             items.extend(out.items.unwrap_or_default());
             match out.last_evaluated_key {
-                Some(k) if !k.is_empty() && limit.is_none_or(|l| items.len() < l) => start = Some(k),
+                Some(k) if !k.is_empty() && limit.is_none_or(|l| items.len() < l) => {
+                    start = Some(k)
+                }
                 _ => return Ok(items),
             }
         }
@@ -210,8 +230,11 @@ impl DynamoStore {
     pub async fn entries(&self) -> Result<Vec<(String, Value)>> {
         let mut out = Vec::new();
         for item in self.query_gsi("CONFIG", None).await? {
-            let (Some(id), Some(entry)) = (get_s(&item, "gsi1sk"), get_s(&item, "entry")) else { continue };
-            let v = serde_json::from_str(entry).map_err(|e| Error::Store(format!("registry entry {id}: {e}")))?;
+            let (Some(id), Some(entry)) = (get_s(&item, "gsi1sk"), get_s(&item, "entry")) else {
+                continue;
+            };
+            let v = serde_json::from_str(entry)
+                .map_err(|e| Error::Store(format!("registry entry {id}: {e}")))?;
             out.push((id.to_string(), v));
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -222,7 +245,9 @@ impl DynamoStore {
         Some(Lock {
             environment_id: get_s(item, "PK")?.strip_prefix("ENV#")?.to_string(),
             run_id: get_s(item, "run_id")?.to_string(),
-            owner: get_s(item, "owner").filter(|o| !o.is_empty()).map(|o| LeaseOwner(o.to_string())),
+            owner: get_s(item, "owner")
+                .filter(|o| !o.is_empty())
+                .map(|o| LeaseOwner(o.to_string())),
             lease_until: Timestamp::from_millisecond(get_n(item, "lease_until")?).ok()?,
         })
     }
@@ -249,16 +274,31 @@ impl ProgressStore for DynamoStore {
             ("environment_id".to_string(), s(&run.environment_id)),
             ("expires_at".to_string(), n(self.expires_at())),
         ]);
-        match self.client.transact_write_items().transact_items(put(self.run_item(run))).transact_items(put(pointer)).send().await {
+        match self
+            .client
+            .transact_write_items()
+            .transact_items(put(self.run_item(run)))
+            .transact_items(put(pointer))
+            .send()
+            .await
+        {
             Ok(_) => Ok(()),
-            Err(e) if is_condition_failed(&e) => Err(Error::Conflict(format!("run {} already exists", run.run_id))),
+            Err(e) if is_condition_failed(&e) => Err(Error::Conflict(format!(
+                "run {} already exists",
+                run.run_id
+            ))),
             Err(e) => Err(store_err("TransactWriteItems", &e)),
         }
     }
 
     async fn get_run(&self, run_id: &str) -> Result<Option<Run>> {
-        let Some(env) = self.environment_of(run_id).await? else { return Ok(None) };
-        match self.get_item(env_pk(&env), &format!("RUN#{run_id}")).await? {
+        let Some(env) = self.environment_of(run_id).await? else {
+            return Ok(None);
+        };
+        match self
+            .get_item(env_pk(&env), &format!("RUN#{run_id}"))
+            .await?
+        {
             Some(item) => Self::decode_run(&item),
             None => Ok(None),
         }
@@ -278,9 +318,10 @@ impl ProgressStore for DynamoStore {
             .await;
         match res {
             Ok(_) => Ok(next),
-            Err(e) if is_condition_failed(&e) => {
-                Err(Error::Conflict(format!("run {} changed since it was read (expected version {})", run.run_id, run.version)))
-            }
+            Err(e) if is_condition_failed(&e) => Err(Error::Conflict(format!(
+                "run {} changed since it was read (expected version {})",
+                run.run_id, run.version
+            ))),
             Err(e) => Err(store_err("PutItem run", &e)),
         }
     }
@@ -307,10 +348,19 @@ impl ProgressStore for DynamoStore {
 
     async fn recent_runs(&self, limit: usize) -> Result<Vec<Run>> {
         let items = self.query_gsi("RUNS", Some(limit)).await?;
-        Ok(items.iter().filter_map(|i| Self::decode_run(i).ok().flatten()).collect())
+        Ok(items
+            .iter()
+            .filter_map(|i| Self::decode_run(i).ok().flatten())
+            .collect())
     }
 
-    async fn acquire_lock(&self, environment_id: &str, run_id: &str, owner: &LeaseOwner, lease: Duration) -> Result<Result<Lock, Lock>> {
+    async fn acquire_lock(
+        &self,
+        environment_id: &str,
+        run_id: &str,
+        owner: &LeaseOwner,
+        lease: Duration,
+    ) -> Result<Result<Lock, Lock>> {
         let now = Timestamp::now();
         let until = now + lease;
         let res = self
@@ -333,7 +383,12 @@ impl ProgressStore for DynamoStore {
             .send()
             .await;
         match res {
-            Ok(_) => Ok(Ok(Lock { environment_id: environment_id.into(), run_id: run_id.into(), owner: Some(owner.clone()), lease_until: until })),
+            Ok(_) => Ok(Ok(Lock {
+                environment_id: environment_id.into(),
+                run_id: run_id.into(),
+                owner: Some(owner.clone()),
+                lease_until: until,
+            })),
             Err(e) if is_condition_failed(&e) => {
                 let held = match e.into_service_error() {
                     aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(c) => c.item.as_ref().and_then(Self::lock_from),
@@ -342,14 +397,22 @@ impl ProgressStore for DynamoStore {
                 match held {
                     Some(l) => Ok(Err(l)),
                     // Some servers do not return the old item: read it.
-                    None => Ok(Err(self.get_lock(environment_id).await?.ok_or_else(|| Error::Conflict("lock changed while it was taken".into()))?)),
+                    None => Ok(Err(self.get_lock(environment_id).await?.ok_or_else(
+                        || Error::Conflict("lock changed while it was taken".into()),
+                    )?)),
                 }
             }
             Err(e) => Err(store_err("PutItem lock", &e)),
         }
     }
 
-    async fn handover_lock(&self, environment_id: &str, run_id: &str, owner: &LeaseOwner, grace: Duration) -> Result<()> {
+    async fn handover_lock(
+        &self,
+        environment_id: &str,
+        run_id: &str,
+        owner: &LeaseOwner,
+        grace: Duration,
+    ) -> Result<()> {
         let res = self
             .client
             .update_item()
@@ -373,7 +436,11 @@ impl ProgressStore for DynamoStore {
     }
 
     async fn get_lock(&self, environment_id: &str) -> Result<Option<Lock>> {
-        Ok(self.get_item(env_pk(environment_id), "LOCK").await?.as_ref().and_then(Self::lock_from))
+        Ok(self
+            .get_item(env_pk(environment_id), "LOCK")
+            .await?
+            .as_ref()
+            .and_then(Self::lock_from))
     }
 
     async fn release_lock(&self, environment_id: &str, run_id: &str) -> Result<()> {
@@ -394,7 +461,12 @@ impl ProgressStore for DynamoStore {
         }
     }
 
-    async fn archive(&self, run_id: &str, environment_id: &str, rows: &[ArchivedRow]) -> Result<()> {
+    async fn archive(
+        &self,
+        run_id: &str,
+        environment_id: &str,
+        rows: &[ArchivedRow],
+    ) -> Result<()> {
         // Chunks of one table each, under the item size limit; a resumed run may archive a row
         // again in a new chunk, and reads keep the first copy.
         let mut chunks: Vec<(String, Vec<Value>)> = Vec::new();
@@ -419,13 +491,23 @@ impl ProgressStore for DynamoStore {
             .map(|(table, rows)| {
                 let item = HashMap::from([
                     ("PK".to_string(), s(env_pk(environment_id))),
-                    ("SK".to_string(), s(format!("ARCHIVE#{run_id}#{table}#{}", ulid::Ulid::new()))),
+                    (
+                        "SK".to_string(),
+                        s(format!("ARCHIVE#{run_id}#{table}#{}", ulid::Ulid::new())),
+                    ),
                     ("table_name".to_string(), s(table)),
                     ("rows".to_string(), s(Value::Array(rows).to_string())),
                     ("archived_at".to_string(), s(Timestamp::now().to_string())),
                     ("expires_at".to_string(), n(expires)),
                 ]);
-                WriteRequest::builder().put_request(PutRequest::builder().set_item(Some(item)).build().expect("item set")).build()
+                WriteRequest::builder()
+                    .put_request(
+                        PutRequest::builder()
+                            .set_item(Some(item))
+                            .build()
+                            .expect("item set"),
+                    )
+                    .build()
             })
             .collect();
         // Each chunk is up to 300 KB: a few per request keeps under the 16 MB request limit.
@@ -434,11 +516,24 @@ impl ProgressStore for DynamoStore {
             let mut attempt = 0u32;
             while !pending.is_empty() {
                 attempt += 1;
-                let out = self.client.batch_write_item().set_request_items(Some(pending)).send().await.map_err(|e| store_err("BatchWriteItem archive", &e))?;
-                pending = out.unprocessed_items.unwrap_or_default().into_iter().filter(|(_, v)| !v.is_empty()).collect();
+                let out = self
+                    .client
+                    .batch_write_item()
+                    .set_request_items(Some(pending))
+                    .send()
+                    .await
+                    .map_err(|e| store_err("BatchWriteItem archive", &e))?;
+                pending = out
+                    .unprocessed_items
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|(_, v)| !v.is_empty())
+                    .collect();
                 if !pending.is_empty() {
                     if attempt >= 8 {
-                        return Err(Error::Store("DynamoDB kept returning unprocessed archive items".into()));
+                        return Err(Error::Store(
+                            "DynamoDB kept returning unprocessed archive items".into(),
+                        ));
                     }
                     tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
                 }
@@ -448,16 +543,26 @@ impl ProgressStore for DynamoStore {
     }
 
     async fn archived(&self, run_id: &str) -> Result<Vec<ArchivedRow>> {
-        let Some(env) = self.environment_of(run_id).await? else { return Ok(Vec::new()) };
+        let Some(env) = self.environment_of(run_id).await? else {
+            return Ok(Vec::new());
+        };
         let mut seen = HashSet::new();
         let mut out = Vec::new();
-        for item in self.query_all(env_pk(&env), &format!("ARCHIVE#{run_id}#")).await? {
+        for item in self
+            .query_all(env_pk(&env), &format!("ARCHIVE#{run_id}#"))
+            .await?
+        {
             let table = get_s(&item, "table_name").unwrap_or_default().to_string();
-            let rows: Vec<Value> = serde_json::from_str(get_s(&item, "rows").unwrap_or("[]")).map_err(|e| Error::Store(format!("archive chunk: {e}")))?;
+            let rows: Vec<Value> = serde_json::from_str(get_s(&item, "rows").unwrap_or("[]"))
+                .map_err(|e| Error::Store(format!("archive chunk: {e}")))?;
             for r in rows {
                 let key = r["key"].as_str().unwrap_or_default().to_string();
                 if seen.insert((table.clone(), key.clone())) {
-                    out.push(ArchivedRow { table: table.clone(), key, row: r["row"].clone() });
+                    out.push(ArchivedRow {
+                        table: table.clone(),
+                        key,
+                        row: r["row"].clone(),
+                    });
                 }
             }
         }
@@ -469,8 +574,14 @@ impl ProgressStore for DynamoStore {
             .put_item()
             .table_name(&self.table)
             .item("PK", s("REJECTED"))
-            .item("SK", s(format!("{}#{}", rejected.received_at, rejected.message_id)))
-            .item("body", s(serde_json::to_string(rejected).expect("serialises")))
+            .item(
+                "SK",
+                s(format!("{}#{}", rejected.received_at, rejected.message_id)),
+            )
+            .item(
+                "body",
+                s(serde_json::to_string(rejected).expect("serialises")),
+            )
             .item("expires_at", n(self.expires_at()))
             .send()
             .await
@@ -490,6 +601,11 @@ impl ProgressStore for DynamoStore {
             .send()
             .await
             .map_err(|e| store_err("Query REJECTED", &e))?;
-        out.items.unwrap_or_default().iter().filter_map(|i| get_s(i, "body")).map(|b| serde_json::from_str(b).map_err(|e| Error::Store(e.to_string()))).collect()
+        out.items
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|i| get_s(i, "body"))
+            .map(|b| serde_json::from_str(b).map_err(|e| Error::Store(e.to_string())))
+            .collect()
     }
 }

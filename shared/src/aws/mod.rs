@@ -2,6 +2,7 @@
 //! Manager, and the layout (names, timeouts) shared by the SAM template and the local stack.
 
 pub mod dynamo;
+pub mod registry;
 pub mod secrets;
 pub mod sqs;
 pub mod stack;
@@ -53,7 +54,7 @@ impl QueueNames {
 }
 
 /// The SDK's full error text (its `Display` alone says only "service error").
-pub(crate) fn sdk_error<E: std::error::Error>(e: &E) -> String {
+pub fn sdk_error<E: std::error::Error>(e: &E) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(inner) = src {

@@ -21,7 +21,10 @@ pub struct SecretResolver {
 impl SecretResolver {
     /// A resolver over the SDK configuration.
     pub fn new(config: &aws_config::SdkConfig) -> SecretResolver {
-        SecretResolver { client: aws_sdk_secretsmanager::Client::new(config), cache: Mutex::new(HashMap::new()) }
+        SecretResolver {
+            client: aws_sdk_secretsmanager::Client::new(config),
+            cache: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The secret value of an ARN (the whole `SecretString`).
@@ -40,7 +43,9 @@ impl SecretResolver {
                 Error::Store(format!("Secrets Manager: {text}"))
             }
         })?;
-        let value = out.secret_string().ok_or_else(|| Error::Config(format!("secret {arn} has no SecretString")))?;
+        let value = out
+            .secret_string()
+            .ok_or_else(|| Error::Config(format!("secret {arn} has no SecretString")))?;
         let secret = Secret::new(value);
         cache.insert(arn.to_string(), (secret.clone(), Instant::now()));
         Ok(secret)

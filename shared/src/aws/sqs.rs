@@ -54,17 +54,28 @@ pub async fn queue_url(client: &aws_sdk_sqs::Client, name: &str) -> Result<Strin
             Error::Store(format!("SQS GetQueueUrl {name}: {text}"))
         }
     })?;
-    out.queue_url().map(str::to_string).ok_or_else(|| Error::Store(format!("SQS returned no URL for {name}")))
+    out.queue_url()
+        .map(str::to_string)
+        .ok_or_else(|| Error::Store(format!("SQS returned no URL for {name}")))
 }
 
 fn attr(v: &str) -> MessageAttributeValue {
-    MessageAttributeValue::builder().data_type("String").string_value(v).build().expect("data type and value are set")
+    MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value(v)
+        .build()
+        .expect("data type and value are set")
 }
 
 #[async_trait]
 impl StageQueue for SqsQueue {
     async fn send(&self, event: &StageEvent) -> Result<()> {
-        let url = self.urls.get(&event.stage).ok_or_else(|| Error::Config(format!("this process has no queue for stage {}", event.stage)))?;
+        let url = self.urls.get(&event.stage).ok_or_else(|| {
+            Error::Config(format!(
+                "this process has no queue for stage {}",
+                event.stage
+            ))
+        })?;
         let mut req = self
             .client
             .send_message()
@@ -75,7 +86,9 @@ impl StageQueue for SqsQueue {
         if let Some(run) = &event.run_id {
             req = req.message_attributes("run_id", attr(run));
         }
-        req.send().await.map_err(|e| Error::Store(format!("SQS SendMessage to {url}: {}", sdk_error(&e))))?;
+        req.send()
+            .await
+            .map_err(|e| Error::Store(format!("SQS SendMessage to {url}: {}", sdk_error(&e))))?;
         Ok(())
     }
 }

@@ -1,0 +1,413 @@
+//! AWS mode (when `--table` / `RELINK_TABLE` is set): the progress store is the DynamoDB table,
+//! the registry is its `CONFIG` entries, and stage events travel through the SQS queues.
+//! `relink worker` polls those queues the way Lambda's SQS event source mapping does and runs
+//! the same handler as the functions.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage, SqsMessageAttribute};
+use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageSystemAttributeName};
+use lambda_runtime::{Context, LambdaEvent};
+use relink_shared::aws::dynamo::DynamoStore;
+use relink_shared::aws::registry::TableRegistry;
+use relink_shared::aws::secrets::SecretResolver;
+use relink_shared::aws::sqs::SqsQueue;
+use relink_shared::aws::{QueueNames, sdk_config, stack};
+use relink_shared::event::StageEvent;
+use relink_shared::http::{Http, HttpConnector, RetryPolicy};
+use relink_shared::lambda::{FunctionDeps, HANDOVER_GRACE, RegistrySource, handle_batch};
+use relink_shared::model::{Run, RunOptions, Stage};
+use relink_shared::pipeline::{Engine, local_owner};
+use relink_shared::ports::StageQueue;
+use relink_shared::progress::{ProgressSink, TracingSink};
+use relink_shared::queue_mem::MemQueue;
+use relink_shared::registry::{Registry, SecretSource};
+use relink_shared::stages::ManualReset;
+use relink_shared::{Error, Result};
+use tokio::time::Instant;
+
+/// Where the AWS resources are.
+#[derive(Clone, Debug)]
+pub struct AwsArgs {
+    pub table: String,
+    pub queue_prefix: String,
+}
+
+/// The connected AWS adapters.
+pub struct Aws {
+    pub store: DynamoStore,
+    pub config: aws_config::SdkConfig,
+    pub names: QueueNames,
+}
+
+impl Aws {
+    pub async fn connect(args: &AwsArgs) -> Aws {
+        let config = sdk_config().await;
+        Aws {
+            store: DynamoStore::new(aws_sdk_dynamodb::Client::new(&config), &args.table),
+            names: QueueNames {
+                prefix: args.queue_prefix.clone(),
+            },
+            config,
+        }
+    }
+
+    fn sqs(&self) -> aws_sdk_sqs::Client {
+        aws_sdk_sqs::Client::new(&self.config)
+    }
+
+    fn registry(&self) -> TableRegistry {
+        TableRegistry::new(self.store.clone(), SecretResolver::new(&self.config))
+    }
+
+    /// `relink local-stack create`: the table and queues as the template defines them.
+    pub async fn create_stack(&self, visibility: Option<Duration>) -> Result<u8> {
+        stack::create_table(self.store.client(), self.store.table()).await?;
+        stack::create_queues(&self.sqs(), &self.names, visibility).await?;
+        println!(
+            "created table {} and queues {}{{stage}} with dead-letter queues",
+            self.store.table(),
+            self.names.prefix
+        );
+        Ok(crate::exit::OK)
+    }
+
+    /// `relink env push ENV`: stores a registry entry from the local file in the table.
+    pub async fn env_push(&self, config: &Path, env: &str, allow_env_secret: bool) -> Result<u8> {
+        let text = std::fs::read_to_string(config).map_err(|e| {
+            Error::Config(format!("cannot read registry {}: {e}", config.display()))
+        })?;
+        let entry = Registry::entry_json(&text, env).map_err(|e| match e {
+            Error::UnknownEnvironment(_) => Error::Config(format!(
+                "{} has no [environments.{env}] section",
+                config.display()
+            )),
+            other => other,
+        })?;
+        let parsed = Registry::parse(&text, |_| Some("unused".into()))?;
+        if matches!(parsed.get(env)?.secret_source, SecretSource::Env(_)) && !allow_env_secret {
+            return Err(Error::Config(format!(
+                "`client_secret` of {env} names an environment variable; in AWS, give a Secrets Manager ARN: client_secret = {{ secret_arn = \"arn:aws:secretsmanager:...\" }} (or pass --allow-env-secret for a local stack)"
+            )));
+        }
+        self.store.put_entry(env, &entry).await?;
+        println!("stored registry entry {env} in {}", self.store.table());
+        Ok(crate::exit::OK)
+    }
+
+    /// `relink env list`.
+    pub async fn env_list(&self, json: bool) -> Result<u8> {
+        let entries = self.store.entries().await?;
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &entries
+                        .iter()
+                        .map(|(id, e)| serde_json::json!({"environment_id": id, "entry": e}))
+                        .collect::<Vec<_>>()
+                )
+                .expect("json")
+            );
+        } else {
+            for (id, e) in &entries {
+                println!(
+                    "{id:<24} {:<10} {}  ->  {}",
+                    e["kind"].as_str().unwrap_or("?"),
+                    e["fno_url"].as_str().unwrap_or("?"),
+                    e["dataverse_url"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        Ok(crate::exit::OK)
+    }
+
+    /// `relink inject`: sends one event to its stage's queue and prints the run id.
+    pub async fn inject(
+        &self,
+        env: &str,
+        stage: Stage,
+        run_id: Option<String>,
+        options: RunOptions,
+        json: bool,
+    ) -> Result<u8> {
+        let registry = self.registry().registry().await?;
+        registry.get(env)?;
+        let mut event = StageEvent::manual(env, options);
+        event.stage = stage;
+        // Minting the id here lets the operator follow the run they started.
+        event.run_id = Some(run_id.unwrap_or_else(|| ulid::Ulid::new().to_string()));
+        event.validate()?;
+        let sqs = self.sqs();
+        let url = relink_shared::aws::sqs::queue_url(&sqs, &self.names.queue(stage)).await?;
+        SqsQueue::new(sqs, HashMap::from([(stage, url)]))
+            .send(&event)
+            .await?;
+        let run_id = event.run_id.unwrap_or_default();
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"run_id": run_id, "environment_id": env, "stage": stage})
+            );
+        } else {
+            println!("sent {stage} for {env}: run {run_id}");
+        }
+        Ok(crate::exit::OK)
+    }
+
+    /// `relink confirm` against the table.
+    pub async fn confirm(&self, run_id: &str, sink: Arc<dyn ProgressSink>) -> Result<Run> {
+        let registry = self.registry().registry().await?;
+        let http = Arc::new(Http::new(RetryPolicy::default(), sink.clone())?);
+        let connector = HttpConnector::new(http);
+        let queue = MemQueue::default();
+        let engine = Engine {
+            registry: &registry,
+            store: &self.store,
+            queue: &queue,
+            connector: &connector,
+            reset: &ManualReset,
+            sink: sink.as_ref(),
+            owner: local_owner(),
+            lease: Duration::from_secs(60),
+            handover_grace: HANDOVER_GRACE,
+            deadline: None,
+        };
+        engine.confirm(run_id).await
+    }
+
+    /// `relink worker`.
+    pub async fn worker(&self, opts: WorkerOpts) -> Result<u8> {
+        let sqs = self.sqs();
+        let queue = Arc::new(SqsQueue::by_names(sqs.clone(), &self.names).await?);
+        let registry: Arc<dyn RegistrySource> = Arc::new(self.registry());
+        let sink: Arc<dyn ProgressSink> = Arc::new(TracingSink);
+        let connector = Arc::new(HttpConnector::new(Arc::new(Http::new(
+            RetryPolicy::default(),
+            sink.clone(),
+        )?)));
+        let busy = Arc::new(AtomicUsize::new(0));
+        let last_work = Arc::new(std::sync::Mutex::new(Instant::now()));
+        let mut pollers = tokio::task::JoinSet::new();
+        for stage in Stage::ALL {
+            let deps = FunctionDeps {
+                stage,
+                store: Arc::new(self.store.clone()),
+                queue: queue.clone(),
+                connector: connector.clone(),
+                registry: registry.clone(),
+                reset: Arc::new(ManualReset),
+                sink: sink.clone(),
+                owner_prefix: local_owner().0,
+                lease: opts.visibility,
+                handover_grace: HANDOVER_GRACE,
+            };
+            let url = queue.url(stage).expect("every stage resolved").to_string();
+            let poller = Poller {
+                sqs: sqs.clone(),
+                url,
+                deps,
+                opts: opts.clone(),
+                busy: busy.clone(),
+                last_work: last_work.clone(),
+            };
+            pollers.spawn(async move { poller.run().await });
+        }
+        eprintln!(
+            "worker polling {}{{{}}}",
+            self.names.prefix,
+            Stage::ALL.map(|s| s.as_str()).join(",")
+        );
+        let idle = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                if let Some(limit) = opts.idle_exit
+                    && busy.load(Ordering::SeqCst) == 0
+                    && last_work.lock().expect("lock").elapsed() >= limit
+                {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            _ = idle => eprintln!("worker: queues idle, exiting"),
+            _ = shutdown_signal() => eprintln!("worker: stopping"),
+            Some(res) = pollers.join_next() => {
+                if let Ok(Err(e)) = res {
+                    return Err(e);
+                }
+            }
+        }
+        pollers.abort_all();
+        Ok(crate::exit::OK)
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+/// How the worker polls, mirroring an SQS event source mapping.
+#[derive(Clone, Debug)]
+pub struct WorkerOpts {
+    /// Messages per batch (1-10).
+    pub batch_size: i32,
+    /// Long-polling wait (0-20 s).
+    pub wait: Duration,
+    /// Visibility timeout asked for received messages, and the handler's deadline.
+    pub visibility: Duration,
+    /// Exit when every queue has been empty this long (tests, one-shot jobs).
+    pub idle_exit: Option<Duration>,
+    /// Hand every batch to the handler twice, concurrently (at-least-once delivery drills).
+    pub deliver_twice: bool,
+}
+
+struct Poller {
+    sqs: aws_sdk_sqs::Client,
+    url: String,
+    deps: FunctionDeps,
+    opts: WorkerOpts,
+    busy: Arc<AtomicUsize>,
+    last_work: Arc<std::sync::Mutex<Instant>>,
+}
+
+impl Poller {
+    async fn run(&self) -> Result<()> {
+        loop {
+            let received = self
+                .sqs
+                .receive_message()
+                .queue_url(&self.url)
+                .max_number_of_messages(self.opts.batch_size)
+                .wait_time_seconds(self.opts.wait.as_secs() as i32)
+                .visibility_timeout(self.opts.visibility.as_secs() as i32)
+                .message_attribute_names("All")
+                .message_system_attribute_names(MessageSystemAttributeName::All)
+                .send()
+                .await;
+            let messages = match received {
+                Ok(out) => out.messages.unwrap_or_default(),
+                Err(e) => {
+                    tracing::warn!(error = %relink_shared::aws::sdk_error(&e), queue = %self.url, "receive failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if messages.is_empty() {
+                continue;
+            }
+            self.busy.fetch_add(1, Ordering::SeqCst);
+            let result = self.process(messages).await;
+            *self.last_work.lock().expect("lock") = Instant::now();
+            self.busy.fetch_sub(1, Ordering::SeqCst);
+            result?;
+        }
+    }
+
+    fn context(&self) -> Context {
+        let mut ctx = Context::default();
+        ctx.request_id = format!("worker-{}", ulid::Ulid::new());
+        ctx.deadline = (jiff::Timestamp::now() + self.opts.visibility).as_millisecond() as u64;
+        ctx
+    }
+
+    async fn process(&self, messages: Vec<aws_sdk_sqs::types::Message>) -> Result<()> {
+        let mut event = SqsEvent::default();
+        event.records = messages.iter().map(to_lambda_record).collect();
+        let failed: Vec<String> = if self.opts.deliver_twice {
+            let (a, b) = tokio::join!(
+                handle_batch(&self.deps, LambdaEvent::new(event.clone(), self.context())),
+                handle_batch(&self.deps, LambdaEvent::new(event, self.context()))
+            );
+            [a, b]
+                .into_iter()
+                .flat_map(|r| r.map(|r| r.batch_item_failures).unwrap_or_default())
+                .map(|f| f.item_identifier)
+                .collect()
+        } else {
+            handle_batch(&self.deps, LambdaEvent::new(event, self.context()))
+                .await
+                .map(|r| r.batch_item_failures)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|f| f.item_identifier)
+                .collect()
+        };
+        // As with ReportBatchItemFailures: delete what succeeded; failures reappear after the
+        // visibility timeout and move to the dead-letter queue after maxReceiveCount.
+        let done: Vec<DeleteMessageBatchRequestEntry> = messages
+            .iter()
+            .filter(|m| !failed.iter().any(|f| Some(f.as_str()) == m.message_id()))
+            .enumerate()
+            .map(|(i, m)| {
+                DeleteMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(m.receipt_handle().unwrap_or_default())
+                    .build()
+                    .expect("set")
+            })
+            .collect();
+        if !done.is_empty() {
+            self.sqs
+                .delete_message_batch()
+                .queue_url(&self.url)
+                .set_entries(Some(done))
+                .send()
+                .await
+                .map_err(|e| {
+                    Error::Store(format!(
+                        "SQS DeleteMessageBatch: {}",
+                        relink_shared::aws::sdk_error(&e)
+                    ))
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// An SQS message as Lambda's event source mapping hands it to a function.
+fn to_lambda_record(m: &aws_sdk_sqs::types::Message) -> SqsMessage {
+    let mut r = SqsMessage::default();
+    r.message_id = m.message_id().map(str::to_string);
+    r.receipt_handle = m.receipt_handle().map(str::to_string);
+    r.body = m.body().map(str::to_string);
+    r.md5_of_body = m.md5_of_body().map(str::to_string);
+    r.event_source = Some("aws:sqs".into());
+    r.attributes = m
+        .attributes()
+        .map(|a| {
+            a.iter()
+                .map(|(k, v)| (k.as_str().to_string(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    r.message_attributes = m
+        .message_attributes()
+        .map(|a| {
+            a.iter()
+                .map(|(k, v)| {
+                    let mut attr = SqsMessageAttribute::default();
+                    attr.string_value = v.string_value().map(str::to_string);
+                    attr.data_type = Some(v.data_type().to_string());
+                    (k.clone(), attr)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    r
+}

@@ -1,0 +1,239 @@
+//! The SQS batch handler every stage function runs (and `relink worker` runs the same way):
+//! each record is parsed on its own, in its own span; a retryable error becomes a batch item
+//! failure, a permanent one is recorded and the message acknowledged, so a poison message
+//! never blocks its batch or loops until the dead-letter queue.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
+use jiff::Timestamp;
+use lambda_runtime::{Context, LambdaEvent};
+use tracing::Instrument;
+
+use crate::aws::dynamo::DynamoStore;
+use crate::aws::registry::TableRegistry;
+use crate::aws::secrets::SecretResolver;
+use crate::aws::sqs::SqsQueue;
+use crate::error::{Error, Result};
+use crate::event::StageEvent;
+use crate::http::{Http, HttpConnector, RetryPolicy};
+use crate::model::Stage;
+use crate::pipeline::Engine;
+use crate::ports::{Connector, LeaseOwner, ProgressStore, Rejected, ResetDriver, StageQueue};
+use crate::progress::{ProgressSink, TracingSink};
+use crate::registry::Registry;
+use crate::stages::ManualReset;
+
+/// Where a function reads the registry from.
+#[async_trait]
+pub trait RegistrySource: Send + Sync {
+    /// The current registry, secrets resolved.
+    async fn registry(&self) -> Result<Arc<Registry>>;
+}
+
+/// A fixed registry (tests, workers with a file).
+pub struct StaticRegistry(pub Arc<Registry>);
+
+#[async_trait]
+impl RegistrySource for StaticRegistry {
+    async fn registry(&self) -> Result<Arc<Registry>> {
+        Ok(self.0.clone())
+    }
+}
+
+/// What a stage function is built from, once, at init.
+pub struct FunctionDeps {
+    /// The stage this function (or worker poller) runs.
+    pub stage: Stage,
+    pub store: Arc<dyn ProgressStore>,
+    pub queue: Arc<dyn StageQueue>,
+    pub connector: Arc<dyn Connector>,
+    pub registry: Arc<dyn RegistrySource>,
+    pub reset: Arc<dyn ResetDriver>,
+    pub sink: Arc<dyn ProgressSink>,
+    /// Prefix of lease owners: `lambda` in Lambda, this process (`pid:..`) in a worker, so a
+    /// restarted worker can tell that a dead one's lease is void.
+    pub owner_prefix: String,
+    /// Longest lease (cut at the invocation's deadline).
+    pub lease: Duration,
+    /// How long a run keeps its environment between two stages.
+    pub handover_grace: Duration,
+}
+
+/// What became of one record.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// Done (or a duplicate): delete the message.
+    Done,
+    /// Permanent failure, recorded: delete the message.
+    Rejected,
+    /// Retryable: report as a batch item failure.
+    Retry,
+}
+
+/// Handles an SQS batch: the Lambda handler of every stage function.
+pub async fn handle_batch(
+    deps: &FunctionDeps,
+    event: LambdaEvent<SqsEvent>,
+) -> Result<SqsBatchResponse, lambda_runtime::Error> {
+    let (event, ctx) = event.into_parts();
+    let mut response = SqsBatchResponse::default();
+    for record in &event.records {
+        let message_id = record.message_id.clone().unwrap_or_default();
+        let span = tracing::info_span!("record", message_id = %message_id, stage = %deps.stage, run_id = tracing::field::Empty, environment_id = tracing::field::Empty);
+        if handle_record(deps, &ctx, record).instrument(span).await == Disposition::Retry {
+            let mut failure = BatchItemFailure::default();
+            failure.item_identifier = message_id;
+            response.batch_item_failures.push(failure);
+        }
+    }
+    Ok(response)
+}
+
+/// Handles one record; never fails the batch.
+pub async fn handle_record(deps: &FunctionDeps, ctx: &Context, record: &SqsMessage) -> Disposition {
+    let message_id = record.message_id.clone().unwrap_or_default();
+    let body = record.body.as_deref().unwrap_or_default();
+    let event = match StageEvent::parse(body) {
+        Ok(ev) => ev,
+        Err(e) => return reject(deps, &message_id, body.len(), &e, None).await,
+    };
+    let span = tracing::Span::current();
+    span.record("environment_id", event.environment_id.as_str());
+    if let Some(r) = &event.run_id {
+        span.record("run_id", r.as_str());
+    }
+    if event.stage != deps.stage {
+        let e = Error::BadEvent(format!(
+            "field `stage` is {}, but this is the {} queue",
+            event.stage, deps.stage
+        ));
+        return reject(deps, &message_id, body.len(), &e, Some(&event)).await;
+    }
+    let registry = match deps.registry.registry().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot load the registry; the message will be retried");
+            return Disposition::Retry;
+        }
+    };
+    let engine = Engine {
+        registry: &registry,
+        store: deps.store.as_ref(),
+        queue: deps.queue.as_ref(),
+        connector: deps.connector.as_ref(),
+        reset: deps.reset.as_ref(),
+        sink: deps.sink.as_ref(),
+        owner: LeaseOwner(format!("{}#{}", deps.owner_prefix, ulid::Ulid::new())),
+        lease: deps.lease,
+        handover_grace: deps.handover_grace,
+        deadline: (ctx.deadline > 0)
+            .then(|| Timestamp::from_millisecond(ctx.deadline as i64).ok())
+            .flatten(),
+    };
+    match engine.handle(&event).await {
+        Ok(h) => {
+            tracing::info!(run_id = %h.run.run_id, status = %h.run.status, duplicate = h.duplicate, next = ?h.next.as_ref().map(|e| e.stage), "record handled");
+            Disposition::Done
+        }
+        Err(e) if e.is_retryable() => {
+            tracing::warn!(error = %e, "retryable failure; the message will be delivered again");
+            Disposition::Retry
+        }
+        Err(e) => reject(deps, &message_id, body.len(), &e, Some(&event)).await,
+    }
+}
+
+/// Records a permanent failure so the message can be acknowledged without being lost.
+async fn reject(
+    deps: &FunctionDeps,
+    message_id: &str,
+    body_bytes: usize,
+    error: &Error,
+    event: Option<&StageEvent>,
+) -> Disposition {
+    tracing::error!(error = %error, "message rejected");
+    let rejected = Rejected {
+        message_id: message_id.to_string(),
+        received_at: Timestamp::now(),
+        error: error.to_string(),
+        body_bytes,
+        environment_id: event.map(|e| e.environment_id.clone()),
+        run_id: event.and_then(|e| e.run_id.clone()),
+    };
+    match deps.store.record_rejected(&rejected).await {
+        Ok(()) => Disposition::Rejected,
+        // Losing the record would lose the message: let SQS deliver it again.
+        Err(e) => {
+            tracing::error!(error = %e, "could not record the rejected message; it will be retried");
+            Disposition::Retry
+        }
+    }
+}
+
+/// JSON log lines (Lambda's JSON log format) carrying the record span's `run_id`,
+/// `environment_id`, `stage` and `message_id`; level from `RUST_LOG` or `AWS_LAMBDA_LOG_LEVEL`.
+pub fn init_tracing() {
+    let level = std::env::var("RUST_LOG")
+        .or_else(|_| std::env::var("AWS_LAMBDA_LOG_LEVEL").map(|l| l.to_lowercase()))
+        .unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_span_list(false)
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+impl FunctionDeps {
+    /// Builds a stage function's clients once, from its environment: `RELINK_TABLE` and, for every
+    /// stage but the last, `NEXT_QUEUE_URL` (the only queue the function may send to).
+    pub async fn from_env(stage: Stage) -> Result<FunctionDeps> {
+        let var = |name: &str| {
+            std::env::var(name)
+                .map_err(|_| Error::Config(format!("environment variable {name} is not set")))
+        };
+        let config = crate::aws::sdk_config().await;
+        let store = DynamoStore::new(aws_sdk_dynamodb::Client::new(&config), var("RELINK_TABLE")?);
+        let mut urls = HashMap::new();
+        if let Some(next) = stage.next() {
+            urls.insert(next, var("NEXT_QUEUE_URL")?);
+        }
+        let sink: Arc<dyn ProgressSink> = Arc::new(TracingSink);
+        let http = Arc::new(Http::new(RetryPolicy::default(), sink.clone())?);
+        Ok(FunctionDeps {
+            stage,
+            registry: Arc::new(TableRegistry::new(
+                store.clone(),
+                SecretResolver::new(&config),
+            )),
+            store: Arc::new(store),
+            queue: Arc::new(SqsQueue::new(aws_sdk_sqs::Client::new(&config), urls)),
+            connector: Arc::new(HttpConnector::new(http)),
+            reset: Arc::new(ManualReset),
+            sink,
+            owner_prefix: "lambda".into(),
+            lease: crate::aws::function_timeout(stage),
+            handover_grace: HANDOVER_GRACE,
+        })
+    }
+}
+
+/// How long a run keeps its environment while the next stage's event is in flight.
+pub const HANDOVER_GRACE: Duration = Duration::from_secs(900);
+
+/// The whole `main` of a stage function.
+pub async fn run_function(stage: Stage) -> Result<(), lambda_runtime::Error> {
+    init_tracing();
+    let deps = FunctionDeps::from_env(stage).await?;
+    lambda_runtime::run(lambda_runtime::service_fn(|event| {
+        handle_batch(&deps, event)
+    }))
+    .await
+}
