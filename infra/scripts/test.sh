@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# The test command of the README: checks formatting and lints, then runs every test of the
-# workspace. Installs nothing system-wide; everything it needs comes from the registries.
+# The test command of the README (and of CI): installs what the tests need into .local-aws/
+# (moto, cfn-lint, cargo-lambda: virtual environments, nothing system-wide), starts a local
+# SQS/DynamoDB/Secrets Manager on 127.0.0.1, then checks formatting and lints, runs every test,
+# lints the SAM template and builds the Lambda functions.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+mkdir -p .local-aws
+source infra/scripts/local-aws.sh
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+local_aws_start
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
-  # nextest does not run doctests.
   cargo test --workspace --locked --doc
 else
   cargo test --workspace --locked --no-fail-fast
 fi
+
+bash infra/scripts/lint-template.sh
+bash infra/scripts/build-functions.sh

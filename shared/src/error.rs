@@ -16,7 +16,7 @@ pub enum Error {
     Config(String),
     /// The event names an environment the registry does not hold.
     #[error(
-        "unknown environment `{0}`: it is not in the registry; add an [environments.{0}] section to relink.toml or check the spelling"
+        "unknown environment `{0}`: it is not in the registry; check the spelling, or add an [environments.{0}] section to relink.toml (in AWS, then run relink env push {0})"
     )]
     UnknownEnvironment(String),
     /// A safety guard refused the run; nothing was deleted.

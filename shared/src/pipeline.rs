@@ -52,34 +52,10 @@ impl Engine<'_> {
         event.validate()?;
         let env = self.registry.get(&event.environment_id)?;
         let run = self.load_or_create(event).await?;
-        if run.status.is_terminal() || run.status == RunStatus::AwaitingConfirmation {
-            return Ok(Handled {
-                run,
-                next: None,
-                duplicate: true,
-            });
+        if let Some(done) = self.already_handled(run.clone(), event).await? {
+            return Ok(done);
         }
         let stage = event.stage;
-        if run.stage(stage).status.is_done() {
-            // A redelivery, or a crash after recording but before sending: send the next
-            // stage's event again if that stage has not started; it is idempotent anyway.
-            let next = match stage.next() {
-                Some(n)
-                    if run.status == RunStatus::Running
-                        && run.stage(n).status == StageStatus::Pending =>
-                {
-                    let ev = event.for_stage(&run.run_id, n);
-                    self.queue.send(&ev).await?;
-                    Some(ev)
-                }
-                _ => None,
-            };
-            return Ok(Handled {
-                run,
-                next,
-                duplicate: true,
-            });
-        }
         if let Some(before) = Stage::ALL
             .iter()
             .take_while(|s| **s != stage)
@@ -90,19 +66,44 @@ impl Engine<'_> {
                 run.run_id
             )));
         }
-        self.take_lock(env, &run).await?;
+        if let Err(e) = self.take_lock(env, &run).await {
+            if let Error::LockHeld { holder, until, .. } = &e
+                && !holder.starts_with(&run.run_id)
+            {
+                // Held back by another run: say so on this run, and let the queue retry it.
+                let mut blocked = run.clone();
+                blocked.set_error(
+                    stage,
+                    format!(
+                        "waiting: environment {} is held by run {holder} (lease until {until})",
+                        env.id
+                    ),
+                );
+                self.store.update_run(&blocked).await.ok();
+            }
+            return Err(e);
+        }
+        // With the lock held, the run read now is authoritative: a concurrent delivery of the
+        // same event may have finished the stage meanwhile.
+        let run = self
+            .store
+            .get_run(&run.run_id)
+            .await?
+            .ok_or_else(|| Error::RunNotFound(run.run_id.clone()))?;
+        if let Some(done) = self.already_handled(run.clone(), event).await? {
+            self.store
+                .handover_lock(&env.id, &run.run_id, &self.owner, self.handover_grace)
+                .await?;
+            return Ok(done);
+        }
+        let run_id = run.run_id.clone();
         let result = self.run_stage(env, run, stage).await;
         if let Err(e) = &result
             && e.is_retryable()
         {
-            // Keep the run for the retry, but free the worker slot so a redelivery can take it.
+            // Keep the environment for the retry, but free the worker slot so a redelivery can take it.
             self.store
-                .handover_lock(
-                    &env.id,
-                    event.run_id.as_deref().unwrap_or_default(),
-                    &self.owner,
-                    self.handover_grace,
-                )
+                .handover_lock(&env.id, &run_id, &self.owner, self.handover_grace)
                 .await
                 .ok();
         }
@@ -112,6 +113,38 @@ impl Engine<'_> {
             next,
             duplicate: false,
         })
+    }
+
+    /// `Some` when the event has nothing left to do: the run is over or waits for an operator,
+    /// or the stage is done (a redelivery, or a crash after recording but before sending, in
+    /// which case the next stage's event is sent again if that stage has not started).
+    async fn already_handled(&self, run: Run, event: &StageEvent) -> Result<Option<Handled>> {
+        if run.status.is_terminal() || run.status == RunStatus::AwaitingConfirmation {
+            return Ok(Some(Handled {
+                run,
+                next: None,
+                duplicate: true,
+            }));
+        }
+        if !run.stage(event.stage).status.is_done() {
+            return Ok(None);
+        }
+        let next = match event.stage.next() {
+            Some(n)
+                if run.status == RunStatus::Running
+                    && run.stage(n).status == StageStatus::Pending =>
+            {
+                let ev = event.for_stage(&run.run_id, n);
+                self.queue.send(&ev).await?;
+                Some(ev)
+            }
+            _ => None,
+        };
+        Ok(Some(Handled {
+            run,
+            next,
+            duplicate: true,
+        }))
     }
 
     async fn load_or_create(&self, event: &StageEvent) -> Result<Run> {

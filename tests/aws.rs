@@ -1,0 +1,273 @@
+//! End-to-end in AWS mode: real SQS queues and a real DynamoDB table on the local stack (moto),
+//! `relink worker` running the stage handlers, the simulators for Dynamics.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::aws::AwsWorld;
+use common::{ENV, Spec, stage};
+use relink_shared::model::Stage;
+use relink_sim::Faults;
+
+fn stage_names(run: &serde_json::Value) -> Vec<String> {
+    run["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_minimal_injected_event_runs_through_the_queues_and_confirm_finishes_it() {
+    let a = AwsWorld::new(Spec {
+        uat_rows: 2500,
+        project_configs: 30,
+        ..Spec::default()
+    })
+    .await;
+    // What `aws sqs send-message --message-body '{"environment_id":"contoso-uat"}'` sends.
+    a.send_raw(
+        Stage::DetectMismatch,
+        &format!(r#"{{"environment_id":"{ENV}"}}"#),
+    )
+    .await;
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+
+    let run = a.status_json(&[ENV]).await;
+    assert_eq!(run["status"], "awaiting-confirmation", "{run}");
+    assert_eq!(
+        stage_names(&run),
+        [
+            "detect-mismatch",
+            "purge-keys",
+            "clear-dataverse-configs",
+            "reset-link"
+        ]
+    );
+    assert_eq!(
+        stage(&run, "clear-dataverse-configs")["outcome"]["deleted"],
+        2500
+    );
+    assert_eq!(run["trigger"]["source"], "manual");
+    let snap = a.w.sim.snapshot();
+    assert_eq!(
+        (
+            snap.runtime_configs["uat"],
+            snap.project_configs[ENV],
+            snap.runtime_configs["prod"]
+        ),
+        (0, 0, 25)
+    );
+    a.assert_queues_empty().await;
+
+    a.w.sim.reset_link(ENV).unwrap();
+    let run_id = run["run_id"].as_str().unwrap();
+    let out = a.relink(&["confirm", run_id, "--json"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let run = a.status_json(&["--run", run_id]).await;
+    assert_eq!(run["status"], "succeeded");
+    for s in run["stages"].as_array().unwrap() {
+        assert_eq!(s["status"], "succeeded", "{s}");
+    }
+    let recent = a.status_json(&[]).await;
+    assert_eq!(recent.as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn every_message_delivered_twice_still_has_its_effects_once() {
+    let a = AwsWorld::new(Spec {
+        uat_rows: 3000,
+        project_configs: 20,
+        ..Spec::default()
+    })
+    .await;
+    let out = a.relink(&["inject", ENV, "--json"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let run_id = out.json()["run_id"].as_str().unwrap().to_string();
+    let worker = a.drain(&["--deliver-twice"]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+
+    let run = a.status_json(&["--run", &run_id]).await;
+    assert_eq!(run["status"], "awaiting-confirmation", "{run}");
+    for s in run["stages"].as_array().unwrap() {
+        assert_eq!(
+            s["attempts"], 1,
+            "each stage ran its side effects once: {s}"
+        );
+    }
+    let snap = a.w.sim.snapshot();
+    assert!(
+        snap.deleted_twice.is_empty(),
+        "rows deleted twice: {:?}",
+        snap.deleted_twice
+    );
+    assert_eq!(snap.deleted["dataverse/uat"], 3000);
+    assert_eq!(snap.deleted[&format!("fno/{ENV}")], 20);
+    assert_eq!(
+        a.status_json(&[]).await.as_array().unwrap().len(),
+        1,
+        "no second run"
+    );
+    a.assert_queues_empty().await;
+}
+
+#[tokio::test]
+async fn poison_messages_are_recorded_and_never_hold_up_good_ones() {
+    let a = AwsWorld::new(Spec::default()).await;
+    let poison = [
+        "this is not json".to_string(),
+        format!(r#"{{"environment_id":"{ENV}","dryrun":true}}"#),
+        r#"{"environment_id":"no-such-env"}"#.to_string(),
+        format!(
+            r#"{{"environment_id":"{ENV}","stage":"purge-keys","run_id":"01JDQ4N9Z3W8B7C6X5V4T3S2R1"}}"#
+        ),
+    ];
+    for p in &poison[..3] {
+        a.send_raw(Stage::DetectMismatch, p).await;
+    }
+    a.send_raw(
+        Stage::DetectMismatch,
+        &format!(r#"{{"environment_id":"{ENV}"}}"#),
+    )
+    .await;
+    a.send_raw(Stage::PurgeKeys, &poison[3]).await;
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+
+    let run = a.status_json(&[ENV]).await;
+    assert_eq!(
+        run["status"], "awaiting-confirmation",
+        "the good message went all the way: {run}"
+    );
+    let rejected = a.status_json(&["--rejected"]).await;
+    let errors: Vec<String> = rejected
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["error"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(errors.len(), 4, "{errors:?}");
+    for needle in [
+        "expected ident",
+        "unknown field `dryrun`",
+        "unknown environment `no-such-env`",
+        "not found",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.contains(needle)),
+            "no rejection mentions {needle:?}: {errors:?}"
+        );
+    }
+    // Acknowledged, not retried until the dead-letter queue.
+    a.assert_queues_empty().await;
+}
+
+#[tokio::test]
+async fn two_runs_for_one_environment_never_overlap_and_neither_is_lost() {
+    let a = AwsWorld::new(Spec {
+        uat_rows: 2000,
+        ..Spec::default()
+    })
+    .await;
+    let (x, y) = tokio::join!(
+        a.relink(&["inject", ENV, "--json"]),
+        a.relink(&["inject", ENV, "--json"])
+    );
+    let ids = [
+        x.json()["run_id"].as_str().unwrap().to_string(),
+        y.json()["run_id"].as_str().unwrap().to_string(),
+    ];
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+
+    let runs: Vec<serde_json::Value> = runs_by_id(&a, &ids).await;
+    let statuses: HashSet<&str> = runs.iter().map(|r| r["status"].as_str().unwrap()).collect();
+    assert_eq!(
+        statuses,
+        HashSet::from(["awaiting-confirmation", "skipped"]),
+        "{runs:#?}"
+    );
+    let first = runs
+        .iter()
+        .find(|r| r["status"] == "awaiting-confirmation")
+        .unwrap();
+    let second = runs.iter().find(|r| r["status"] == "skipped").unwrap();
+    // The second run's detection started only after the first had cleared everything.
+    let cleared = stage(first, "clear-dataverse-configs")["finished_at"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let detected = stage(second, "detect-mismatch")["started_at"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        detected.parse::<jiff::Timestamp>().unwrap() > cleared.parse::<jiff::Timestamp>().unwrap(),
+        "{detected} <= {cleared}"
+    );
+    assert!(a.w.sim.snapshot().deleted_twice.is_empty());
+    a.assert_queues_empty().await;
+}
+
+async fn runs_by_id(a: &AwsWorld, ids: &[String; 2]) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for id in ids {
+        out.push(a.status_json(&["--run", id]).await);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_stage_is_taken_over_and_nothing_is_deleted_twice() {
+    let a = AwsWorld::new(Spec {
+        uat_rows: 4000,
+        registry_extra: "limits = { dataverse_batch_size = 200, dataverse_concurrency = 1, dataverse_page_size = 1000 }".into(),
+        ..Spec::default()
+    })
+    .await;
+    a.w.sim.set_faults(Faults {
+        per_op_latency_ms: 1,
+        ..Faults::default()
+    });
+    let out = a.relink(&["inject", ENV, "--json"]).await;
+    let run_id = out.json()["run_id"].as_str().unwrap().to_string();
+    let mut worker = a.worker(&[]);
+    let deleted = || {
+        a.w.sim
+            .snapshot()
+            .deleted
+            .get("dataverse/uat")
+            .copied()
+            .unwrap_or(0)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while deleted() < 1000 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker never started deleting"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    worker.start_kill().unwrap(); // SIGKILL
+    worker.wait().await.unwrap();
+    assert!(deleted() < 4000, "killed in the middle of the stage");
+
+    a.w.sim.set_faults(Faults::default());
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    let run = a.status_json(&["--run", &run_id]).await;
+    assert_eq!(run["status"], "awaiting-confirmation", "{run}");
+    assert_eq!(stage(&run, "clear-dataverse-configs")["attempts"], 2);
+    let snap = a.w.sim.snapshot();
+    assert_eq!(snap.runtime_configs["uat"], 0);
+    assert!(
+        snap.deleted_twice.is_empty(),
+        "rows deleted twice: {:?}",
+        snap.deleted_twice
+    );
+    a.assert_queues_empty().await;
+}

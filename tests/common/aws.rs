@@ -1,0 +1,203 @@
+//! AWS-mode harness: a table, queues and a secret of the test's own on the local stack (moto,
+//! started by infra/scripts/test.sh), the registry entry pushed into the table, and workers run
+//! as real `relink worker` processes.
+
+use std::time::Duration;
+
+use relink_shared::model::Stage;
+
+use super::{ENV, Out, Spec, World};
+
+/// Stage queues' visibility timeout in these tests: short, so redeliveries come quickly.
+pub const VISIBILITY_SECS: u64 = 3;
+
+pub struct AwsWorld {
+    pub w: World,
+    pub table: String,
+    pub prefix: String,
+    pub sqs: aws_sdk_sqs::Client,
+}
+
+impl AwsWorld {
+    pub async fn new(spec: Spec) -> AwsWorld {
+        assert!(
+            std::env::var("AWS_ENDPOINT_URL").is_ok(),
+            "AWS-mode tests need the local stack: run them through infra/scripts/test.sh (it starts moto and sets AWS_ENDPOINT_URL)"
+        );
+        let w = World::new(spec).await;
+        let config = relink_shared::aws::sdk_config().await;
+        let id = ulid::Ulid::new().to_string().to_lowercase();
+        let secret = aws_sdk_secretsmanager::Client::new(&config)
+            .create_secret()
+            .name(format!("relink-test/{id}"))
+            .secret_string(&w.secret)
+            .send()
+            .await
+            .expect("secret created on the local stack");
+        let arn = secret.arn().expect("arn").to_string();
+        let text = std::fs::read_to_string(&w.config).unwrap().replace(
+            &format!("client_secret = {{ env = \"{}\" }}", super::SECRET_VAR),
+            &format!("client_secret = {{ secret_arn = \"{arn}\" }}"),
+        );
+        assert!(text.contains("secret_arn"));
+        std::fs::write(&w.config, text).unwrap();
+        let aws = AwsWorld {
+            w,
+            table: format!("relink-{id}"),
+            prefix: format!("r{id}-"),
+            sqs: aws_sdk_sqs::Client::new(&config),
+        };
+        let out = aws
+            .relink(&[
+                "local-stack",
+                "create",
+                "--visibility-secs",
+                &VISIBILITY_SECS.to_string(),
+            ])
+            .await;
+        assert_eq!(out.code, 0, "{out:?}");
+        let out = aws.relink(&["env", "push", ENV]).await;
+        assert_eq!(out.code, 0, "{out:?}");
+        aws
+    }
+
+    pub fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = self
+            .w
+            .command(&["--table", &self.table, "--queue-prefix", &self.prefix]);
+        cmd.args(args).env_remove(super::SECRET_VAR);
+        cmd
+    }
+
+    pub async fn relink(&self, args: &[&str]) -> Out {
+        let out = self.command(args).output().await.expect("relink runs");
+        let out = Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into(),
+            stderr: String::from_utf8_lossy(&out.stderr).into(),
+        };
+        assert!(
+            !out.stdout.contains(&self.w.secret) && !out.stderr.contains(&self.w.secret),
+            "the client secret leaked:\n{out:?}"
+        );
+        assert!(
+            !out.stdout.contains("SIMSECRET") && !out.stderr.contains("SIMSECRET"),
+            "a row secret leaked:\n{out:?}"
+        );
+        out
+    }
+
+    /// A worker that exits once the queues have been idle for a few seconds.
+    fn worker_command(&self, extra: &[&str]) -> tokio::process::Command {
+        let vis = VISIBILITY_SECS.to_string();
+        let mut args = vec![
+            "worker",
+            "--wait-secs",
+            "1",
+            "--visibility-secs",
+            &vis,
+            "--idle-exit-secs",
+            "5",
+            "--batch-size",
+            "10",
+        ];
+        args.extend_from_slice(extra);
+        self.command(&args)
+    }
+
+    /// Starts a worker in the background (its logs discarded: a full pipe would stall it).
+    pub fn worker(&self, extra: &[&str]) -> tokio::process::Child {
+        let mut cmd = self.worker_command(extra);
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        cmd.spawn().expect("worker starts")
+    }
+
+    /// Runs a worker to its idle exit and returns its output.
+    pub async fn drain(&self, extra: &[&str]) -> Out {
+        let child = self.worker_command(extra).spawn().expect("worker starts");
+        let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+            .await
+            .expect("worker drains within 2 minutes")
+            .unwrap();
+        let out = Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into(),
+            stderr: String::from_utf8_lossy(&out.stderr).into(),
+        };
+        assert!(
+            !out.stderr.contains(&self.w.secret) && !out.stderr.contains("SIMSECRET"),
+            "a secret leaked into the worker's logs"
+        );
+        out
+    }
+
+    pub async fn queue_url(&self, name: &str) -> String {
+        self.sqs
+            .get_queue_url()
+            .queue_name(name)
+            .send()
+            .await
+            .unwrap()
+            .queue_url()
+            .unwrap()
+            .to_string()
+    }
+
+    /// What `aws sqs send-message --message-body BODY` does.
+    pub async fn send_raw(&self, stage: Stage, body: &str) {
+        let url = self
+            .queue_url(&format!("{}{}", self.prefix, stage.as_str()))
+            .await;
+        self.sqs
+            .send_message()
+            .queue_url(url)
+            .message_body(body)
+            .send()
+            .await
+            .unwrap();
+    }
+
+    /// Messages in a queue, visible or in flight.
+    pub async fn depth(&self, name: &str) -> usize {
+        use aws_sdk_sqs::types::QueueAttributeName as A;
+        let url = self.queue_url(name).await;
+        let out = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(A::ApproximateNumberOfMessages)
+            .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .unwrap();
+        let attrs = out.attributes().unwrap();
+        let n = |a: A| {
+            attrs
+                .get(&a)
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0)
+        };
+        n(A::ApproximateNumberOfMessages) + n(A::ApproximateNumberOfMessagesNotVisible)
+    }
+
+    /// Every stage queue and dead-letter queue is empty.
+    pub async fn assert_queues_empty(&self) {
+        for stage in Stage::ALL {
+            for name in [
+                format!("{}{}", self.prefix, stage.as_str()),
+                format!("{}{}-dlq", self.prefix, stage.as_str()),
+            ] {
+                assert_eq!(self.depth(&name).await, 0, "{name} is not empty");
+            }
+        }
+    }
+
+    pub async fn status_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["status", "--json"];
+        all.extend_from_slice(args);
+        let out = self.relink(&all).await;
+        assert_eq!(out.code, 0, "{out:?}");
+        out.json()
+    }
+}
