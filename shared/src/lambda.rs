@@ -237,3 +237,156 @@ pub async fn run_function(stage: Stage) -> Result<(), lambda_runtime::Error> {
     }))
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    //! The handler on JSON fixtures shaped like Lambda's SQS events, with `Context::default()`,
+    //! the SQLite store in memory and in-memory Dynamics fakes.
+
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::fakes::{self, FakeConnector};
+    use crate::model::RunStatus;
+    use crate::queue_mem::MemQueue;
+    use crate::store_sqlite::SqliteStore;
+
+    struct Harness {
+        deps: FunctionDeps,
+        store: Arc<SqliteStore>,
+        queue: Arc<MemQueue>,
+    }
+
+    fn harness(stage: Stage, stale: bool) -> Harness {
+        let store = Arc::new(SqliteStore::in_memory().unwrap());
+        let queue = Arc::new(MemQueue::default());
+        let fno_urls: &[&str] = if stale {
+            &["https://prod.crm.dynamics.com"]
+        } else {
+            &[fakes::DV]
+        };
+        let connector = FakeConnector {
+            dataverse: Arc::new(fakes::dataverse(7)),
+            fno: Arc::new(fakes::fno(fno_urls)),
+        };
+        let deps = FunctionDeps {
+            stage,
+            store: store.clone(),
+            queue: queue.clone(),
+            connector: Arc::new(connector),
+            registry: Arc::new(StaticRegistry(Arc::new(fakes::registry()))),
+            reset: Arc::new(ManualReset),
+            sink: Arc::new(TracingSink),
+            owner_prefix: "test".into(),
+            lease: Duration::from_secs(30),
+            handover_grace: Duration::from_secs(30),
+        };
+        Harness { deps, store, queue }
+    }
+
+    fn fixture(name: &str) -> LambdaEvent<SqsEvent> {
+        let text = match name {
+            "mixed" => include_str!("../fixtures/sqs-mixed-batch.json"),
+            "stale" => include_str!("../fixtures/sqs-single-stale.json"),
+            _ => unreachable!(),
+        };
+        LambdaEvent::new(
+            serde_json::from_str(text).expect("fixture parses as SqsEvent"),
+            Context::default(),
+        )
+    }
+
+    #[tokio::test]
+    async fn poison_records_are_recorded_and_acknowledged_while_good_ones_run() {
+        let h = harness(Stage::DetectMismatch, false);
+        let resp = handle_batch(&h.deps, fixture("mixed")).await.unwrap();
+        assert!(
+            resp.batch_item_failures.is_empty(),
+            "nothing is retried: {:?}",
+            resp.batch_item_failures
+        );
+        let rejected = h.store.rejected(10).await.unwrap();
+        let mut ids: Vec<_> = rejected.iter().map(|r| r.message_id.as_str()).collect();
+        ids.sort();
+        assert_eq!(
+            ids,
+            [
+                "11111111-aaaa-4000-8000-000000000002",
+                "11111111-aaaa-4000-8000-000000000003",
+                "11111111-aaaa-4000-8000-000000000004"
+            ]
+        );
+        assert!(rejected.iter().all(|r| !r.error.is_empty()));
+        // The good record found a clean link and skipped its run.
+        let run = h.store.latest_run("uat").await.unwrap().unwrap();
+        assert_eq!(run.status, RunStatus::Skipped);
+    }
+
+    #[tokio::test]
+    async fn a_stale_link_moves_on_to_the_next_queue() {
+        let h = harness(Stage::DetectMismatch, true);
+        let resp = handle_batch(&h.deps, fixture("stale")).await.unwrap();
+        assert!(resp.batch_item_failures.is_empty());
+        let next = h.queue.pop().expect("the purge-keys event was sent");
+        assert_eq!(next.stage, Stage::PurgeKeys);
+        assert_eq!(next.run_id.as_deref(), Some("01JDQ4N9Z3W8B7C6X5V4T3S2R1"));
+        // The same delivery again does nothing twice.
+        let resp = handle_batch(&h.deps, fixture("stale")).await.unwrap();
+        assert!(resp.batch_item_failures.is_empty());
+        let run = h
+            .store
+            .get_run("01JDQ4N9Z3W8B7C6X5V4T3S2R1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(run.stage(Stage::DetectMismatch).attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn a_lock_held_by_another_run_becomes_a_batch_item_failure() {
+        let h = harness(Stage::DetectMismatch, true);
+        h.store
+            .acquire_lock(
+                "uat",
+                "01JDQ4N9Z3W8B7C6X5V4T3S2R0",
+                &LeaseOwner("other".into()),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        let resp = handle_batch(&h.deps, fixture("stale")).await.unwrap();
+        let failed: Vec<_> = resp
+            .batch_item_failures
+            .iter()
+            .map(|f| f.item_identifier.as_str())
+            .collect();
+        assert_eq!(failed, ["22222222-bbbb-4000-8000-000000000001"]);
+        let run = h
+            .store
+            .get_run("01JDQ4N9Z3W8B7C6X5V4T3S2R1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            run.stage(Stage::DetectMismatch)
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("01JDQ4N9Z3W8B7C6X5V4T3S2R0")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_event_on_the_wrong_queue_is_rejected() {
+        let h = harness(Stage::PurgeKeys, true);
+        let resp = handle_batch(&h.deps, fixture("stale")).await.unwrap();
+        assert!(resp.batch_item_failures.is_empty());
+        let rejected = h.store.rejected(10).await.unwrap();
+        assert!(
+            rejected[0].error.contains("purge-keys queue"),
+            "{rejected:?}"
+        );
+        assert!(h.queue.pop().is_none());
+    }
+}

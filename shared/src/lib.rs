@@ -6,6 +6,8 @@
 pub mod aws;
 pub mod error;
 pub mod event;
+#[cfg(test)]
+mod fakes;
 pub mod http;
 pub mod lambda;
 pub mod model;
