@@ -548,10 +548,14 @@ impl ProgressStore for DynamoStore {
         };
         let mut seen = HashSet::new();
         let mut out = Vec::new();
+        let now = Timestamp::now().as_second();
         for item in self
             .query_all(env_pk(&env), &format!("ARCHIVE#{run_id}#"))
             .await?
         {
+            if get_n(&item, "expires_at").is_some_and(|t| t < now) {
+                continue;
+            }
             let table = get_s(&item, "table_name").unwrap_or_default().to_string();
             let rows: Vec<Value> = serde_json::from_str(get_s(&item, "rows").unwrap_or("[]"))
                 .map_err(|e| Error::Store(format!("archive chunk: {e}")))?;

@@ -64,3 +64,63 @@ pub fn sdk_error<E: std::error::Error>(e: &E) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The local stack (tests) and the SAM template must not drift apart.
+    #[test]
+    fn the_template_matches_the_layout_the_code_assumes() {
+        let template = include_str!("../../../template.yaml");
+        for stage in Stage::ALL {
+            let timeout = function_timeout(stage).as_secs();
+            let vis = visibility_timeout(stage).as_secs();
+            assert!(vis >= 6 * timeout);
+            assert!(
+                template.contains(&format!(
+                    "QueueName: !Sub \"${{QueuePrefix}}{}\"",
+                    stage.as_str()
+                )),
+                "{stage} queue"
+            );
+            assert!(
+                template.contains(&format!(
+                    "QueueName: !Sub \"${{QueuePrefix}}{}-dlq\"",
+                    stage.as_str()
+                )),
+                "{stage} DLQ"
+            );
+            assert!(
+                template.contains(&format!("Binary: {}", stage.as_str())),
+                "{stage} function"
+            );
+            assert!(
+                template.contains(&format!(
+                    "VisibilityTimeout: {vis} # 6 x the function timeout ({timeout} s)"
+                )),
+                "{stage} visibility"
+            );
+            assert!(
+                template.contains(&format!("Timeout: {timeout}\n")),
+                "{stage} timeout"
+            );
+        }
+        assert_eq!(
+            template
+                .matches(&format!("maxReceiveCount: {MAX_RECEIVE_COUNT}"))
+                .count(),
+            4
+        );
+        assert_eq!(template.matches("ReportBatchItemFailures").count(), 4);
+        assert!(template.contains(&format!("IndexName: {}", dynamo::GSI1)));
+        assert!(template.contains("AttributeName: expires_at"));
+        assert_eq!(
+            QueueNames {
+                prefix: "relink-".into()
+            }
+            .dlq(Stage::PurgeKeys),
+            "relink-purge-keys-dlq"
+        );
+    }
+}
