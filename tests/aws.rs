@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use common::aws::AwsWorld;
 use common::{ENV, Spec, stage};
@@ -244,14 +243,7 @@ async fn a_worker_killed_mid_stage_is_taken_over_and_nothing_is_deleted_twice() 
             .copied()
             .unwrap_or(0)
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while deleted() < 1000 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the worker never started deleting"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_for_deletes(&a.w.sim, "uat", 1000).await;
     worker.start_kill().unwrap(); // SIGKILL
     worker.wait().await.unwrap();
     assert!(deleted() < 4000, "killed in the middle of the stage");

@@ -3,7 +3,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use common::{ENV, Spec, World, stage};
 use relink_sim::Faults;
@@ -191,14 +190,7 @@ async fn a_killed_run_resumes_without_deleting_any_row_twice() {
             .copied()
             .unwrap_or(0)
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while deleted() < 1000 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the run never started deleting"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_for_deletes(&w.sim, "uat", 1000).await;
     child.start_kill().unwrap();
     child.wait().await.unwrap();
     let partial = deleted();

@@ -90,6 +90,19 @@ impl Error {
     }
 }
 
+/// An error with its chain of causes, `: `-separated (SDK and reqwest errors say little on
+/// their own). Neither relink's URLs nor the SDKs' messages carry secrets.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
 impl From<rusqlite::Error> for Error {
     fn from(e: rusqlite::Error) -> Self {
         Error::Store(e.to_string())

@@ -180,7 +180,11 @@ impl World {
 
     /// Runs `relink ARGS` to completion.
     pub async fn relink(&self, args: &[&str]) -> Out {
-        let out = self.command(args).output().await.expect("relink runs");
+        self.finish(self.command(args).output().await.expect("relink runs"))
+    }
+
+    /// A finished process's output, checked for leaked secrets.
+    pub fn finish(&self, out: std::process::Output) -> Out {
         let out = Out {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into(),
@@ -215,6 +219,19 @@ impl World {
 impl Drop for World {
     fn drop(&mut self) {
         std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+/// Waits until the simulator has deleted at least `n` rows of an organisation.
+pub async fn wait_for_deletes(sim: &Sim, org: &str, n: usize) {
+    let key = format!("dataverse/{org}");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while sim.snapshot().deleted.get(&key).copied().unwrap_or(0) < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "fewer than {n} rows of {org} deleted after 60 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 

@@ -55,14 +55,7 @@ impl QueueNames {
 
 /// The SDK's full error text (its `Display` alone says only "service error").
 pub fn sdk_error<E: std::error::Error>(e: &E) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
+    crate::error::chain(e)
 }
 
 #[cfg(test)]

@@ -220,7 +220,7 @@ impl Http {
                         }
                     }
                 }
-                Err(e) => (self.policy.backoff(attempt), None, network_detail(&e)),
+                Err(e) => (self.policy.backoff(attempt), None, crate::error::chain(&e)),
             };
             if attempt >= self.policy.max_attempts {
                 return Err(Error::Unavailable {
@@ -304,18 +304,6 @@ pub fn odata_error_message(text: &str) -> String {
         .unwrap_or_else(|| text.to_string());
     let line = msg.lines().next().unwrap_or_default();
     line.chars().take(300).collect()
-}
-
-fn network_detail(e: &reqwest::Error) -> String {
-    // reqwest's Display includes the URL, which never carries a secret in relink.
-    let mut s = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]
