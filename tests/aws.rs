@@ -263,3 +263,93 @@ async fn a_worker_killed_mid_stage_is_taken_over_and_nothing_is_deleted_twice() 
     );
     a.assert_queues_empty().await;
 }
+
+#[tokio::test]
+async fn a_signed_notification_starts_the_pipeline_once_and_bad_ones_enqueue_nothing() {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use relink_shared::aws::dynamo::DynamoStore;
+    use relink_shared::aws::registry::TableRegistry;
+    use relink_shared::aws::secrets::SecretResolver;
+    use relink_shared::aws::sqs::SqsQueue;
+    use relink_shared::ingest::{IngestDeps, ingest};
+    use relink_shared::notify::sign;
+    use relink_shared::registry::Secret;
+
+    let a = AwsWorld::new(Spec {
+        uat_rows: 500,
+        registry_extra: "lcs_environment_id = \"8f1c-lcs-env\"".into(),
+        ..Spec::default()
+    })
+    .await;
+    // The function's own wiring, against the local stack.
+    let config = relink_shared::aws::sdk_config().await;
+    let store = DynamoStore::new(aws_sdk_dynamodb::Client::new(&config), &a.table);
+    let detect = a.queue_url(&format!("{}detect-mismatch", a.prefix)).await;
+    let deps = IngestDeps {
+        registry: Arc::new(TableRegistry::new(
+            store.clone(),
+            SecretResolver::new(&config),
+        )),
+        store: Arc::new(store),
+        queue: Arc::new(SqsQueue::new(
+            a.sqs.clone(),
+            HashMap::from([(Stage::DetectMismatch, detect)]),
+        )),
+        secret: Secret::new("hook-secret"),
+    };
+    let post = async |body: &str, key: &[u8], age: i64| {
+        let now = jiff::Timestamp::now();
+        let ts = now.as_second() - age;
+        ingest(
+            &deps,
+            Some(&ts.to_string()),
+            Some(&sign(key, ts, body.as_bytes())),
+            body.as_bytes(),
+            now,
+        )
+        .await
+    };
+    let refresh = r#"{"Name":"Refresh","Type":"SFSourceDbToSandbox","Status":"Completed","ActivityId":"act-77","EnvironmentId":"8F1C-LCS-ENV"}"#;
+    let first = post(refresh, b"hook-secret", 0).await;
+    assert_eq!(first.status, 202, "{first:?}");
+    let again = post(refresh, b"hook-secret", 0).await;
+    assert_eq!(
+        (again.status, &again.body["run_id"]),
+        (409, &first.body["run_id"])
+    );
+    assert_eq!(post(refresh, b"forged", 0).await.status, 401);
+    assert_eq!(post(r#"{"OperationStatus":"Completed","OperationActivityId":"x","EnvironmentId":"8f1c-lcs-env"}"#, b"hook-secret", 400).await.status, 401);
+    assert_eq!(
+        post(
+            r#"{"environment_id":"nowhere","operation":"copy","operation_id":"y"}"#,
+            b"hook-secret",
+            0
+        )
+        .await
+        .status,
+        404
+    );
+    assert_eq!(post("<xml/>", b"hook-secret", 0).await.status, 400);
+    assert_eq!(
+        a.depth(&format!("{}detect-mismatch", a.prefix)).await,
+        1,
+        "one event, however many notifications"
+    );
+
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    let run = a
+        .status_json(&["--run", first.body["run_id"].as_str().unwrap()])
+        .await;
+    assert_eq!(run["status"], "awaiting-confirmation", "{run}");
+    assert_eq!(
+        (
+            run["trigger"]["source"].as_str(),
+            run["trigger"]["operation_id"].as_str()
+        ),
+        (Some("lcs"), Some("act-77"))
+    );
+    a.assert_queues_empty().await;
+}

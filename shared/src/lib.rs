@@ -9,8 +9,10 @@ pub mod event;
 #[cfg(test)]
 mod fakes;
 pub mod http;
+pub mod ingest;
 pub mod lambda;
 pub mod model;
+pub mod notify;
 pub mod pipeline;
 pub mod ports;
 pub mod progress;

@@ -92,6 +92,16 @@ pub trait ProgressStore: Send + Sync {
     -> Result<()>;
     /// Every row archived by a run, one copy per row.
     async fn archived(&self, run_id: &str) -> Result<Vec<ArchivedRow>>;
+    /// Records that a restore signal (`source`, `operation_id`) starts `run_id`, once: returns
+    /// the run id of an earlier claim when the signal was seen before.
+    async fn claim_trigger(
+        &self,
+        source: &str,
+        operation_id: &str,
+        run_id: &str,
+    ) -> Result<Result<(), String>>;
+    /// Undoes a claim of `run_id` whose event could not be sent, so the sender's retry can work.
+    async fn release_trigger(&self, source: &str, operation_id: &str, run_id: &str) -> Result<()>;
     /// Records a rejected message (poison) so operators can see it.
     async fn record_rejected(&self, rejected: &Rejected) -> Result<()>;
     /// Recently rejected messages, newest first.

@@ -105,6 +105,10 @@ struct RawEnv {
     fno_purge_service: Option<String>,
     #[serde(default)]
     limits: Limits,
+    #[serde(default)]
+    lcs_environment_id: Option<String>,
+    #[serde(default)]
+    power_platform_environment_id: Option<String>,
 }
 
 fn default_reset() -> ResetMode {
@@ -159,6 +163,10 @@ pub struct EnvConfig {
     /// Path (under the F&O URL) of a customer-deployed purge service, if any.
     pub fno_purge_service: Option<String>,
     pub limits: Limits,
+    /// The LCS environment id, so LCS notifications find this entry.
+    pub lcs_environment_id: Option<String>,
+    /// The Power Platform environment id, so Power Platform notifications find this entry.
+    pub power_platform_environment_id: Option<String>,
 }
 
 impl EnvConfig {
@@ -245,6 +253,24 @@ impl Registry {
             .and_then(|e| e.get(id))
             .ok_or_else(|| Error::UnknownEnvironment(id.into()))?;
         serde_json::to_value(entry).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// The entry a notification names: by registry key, LCS or Power Platform environment id.
+    pub fn find(&self, reference: &crate::notify::EnvRef) -> Option<&EnvConfig> {
+        use crate::notify::EnvRef;
+        match reference {
+            EnvRef::Registry(id) => self.environments.get(id),
+            EnvRef::Lcs(id) => self.iter().find(|e| {
+                e.lcs_environment_id
+                    .as_deref()
+                    .is_some_and(|l| l.eq_ignore_ascii_case(id))
+            }),
+            EnvRef::PowerPlatform(id) => self.iter().find(|e| {
+                e.power_platform_environment_id
+                    .as_deref()
+                    .is_some_and(|p| p.eq_ignore_ascii_case(id))
+            }),
+        }
     }
 
     /// Sets an environment's resolved client secret.
@@ -351,6 +377,8 @@ fn validate(id: &str, raw: RawEnv, lookup: &impl Fn(&str) -> Option<String>) -> 
         reset: raw.reset,
         fno_purge_service: raw.fno_purge_service,
         limits: raw.limits,
+        lcs_environment_id: raw.lcs_environment_id,
+        power_platform_environment_id: raw.power_platform_environment_id,
     })
 }
 

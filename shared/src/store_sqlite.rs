@@ -40,6 +40,13 @@ CREATE TABLE IF NOT EXISTS archive (
     archived_at TEXT NOT NULL,
     UNIQUE (run_id, table_name, row_key)
 );
+CREATE TABLE IF NOT EXISTS triggers (
+    source TEXT NOT NULL,
+    operation_id TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    seen_at TEXT NOT NULL,
+    PRIMARY KEY (source, operation_id)
+);
 CREATE TABLE IF NOT EXISTS rejected (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     body TEXT NOT NULL
@@ -288,6 +295,36 @@ impl ProgressStore for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn claim_trigger(
+        &self,
+        source: &str,
+        operation_id: &str,
+        run_id: &str,
+    ) -> Result<Result<(), String>> {
+        let conn = self.conn();
+        let n = conn.execute(
+            "INSERT OR IGNORE INTO triggers (source, operation_id, run_id, seen_at) VALUES (?1, ?2, ?3, ?4)",
+            params![source, operation_id, run_id, Timestamp::now().to_string()],
+        )?;
+        if n == 1 {
+            return Ok(Ok(()));
+        }
+        let existing: String = conn.query_row(
+            "SELECT run_id FROM triggers WHERE source = ?1 AND operation_id = ?2",
+            params![source, operation_id],
+            |r| r.get(0),
+        )?;
+        Ok(Err(existing))
+    }
+
+    async fn release_trigger(&self, source: &str, operation_id: &str, run_id: &str) -> Result<()> {
+        self.conn().execute(
+            "DELETE FROM triggers WHERE source = ?1 AND operation_id = ?2 AND run_id = ?3",
+            params![source, operation_id, run_id],
+        )?;
+        Ok(())
     }
 
     async fn record_rejected(&self, rejected: &Rejected) -> Result<()> {

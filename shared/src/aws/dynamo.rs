@@ -7,6 +7,7 @@
 //! | lock | `ENV#{env}` | `LOCK` |
 //! | archive chunk | `ENV#{env}` | `ARCHIVE#{run_id}#{table}#{chunk ulid}` |
 //! | registry entry | `ENV#{env}` | `CONFIG` |
+//! | trigger seen (dedup of restore signals) | `TRIGGER#{source}#{operation_id}` | `TRIGGER` |
 //! | rejected message | `REJECTED` | `{received_at}#{message_id}` |
 //!
 //! Index `gsi1` (`gsi1pk`, `gsi1sk`) lists runs (`RUNS`, run id) and registry entries
@@ -571,6 +572,53 @@ impl ProgressStore for DynamoStore {
             }
         }
         Ok(out)
+    }
+
+    async fn claim_trigger(
+        &self,
+        source: &str,
+        operation_id: &str,
+        run_id: &str,
+    ) -> Result<Result<(), String>> {
+        let pk = format!("TRIGGER#{source}#{operation_id}");
+        let res = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item("PK", s(&pk))
+            .item("SK", s("TRIGGER"))
+            .item("run_id", s(run_id))
+            .item("seen_at", s(Timestamp::now().to_string()))
+            .item("expires_at", n(self.expires_at()))
+            .condition_expression("attribute_not_exists(PK)")
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(Ok(())),
+            Err(e) if is_condition_failed(&e) => {
+                let item = self.get_item(pk, "TRIGGER").await?.unwrap_or_default();
+                Ok(Err(get_s(&item, "run_id").unwrap_or_default().to_string()))
+            }
+            Err(e) => Err(store_err("PutItem TRIGGER", &e)),
+        }
+    }
+
+    async fn release_trigger(&self, source: &str, operation_id: &str, run_id: &str) -> Result<()> {
+        let res = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .key("PK", s(format!("TRIGGER#{source}#{operation_id}")))
+            .key("SK", s("TRIGGER"))
+            .condition_expression("run_id = :run")
+            .expression_attribute_values(":run", s(run_id))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failed(&e) => Ok(()),
+            Err(e) => Err(store_err("DeleteItem TRIGGER", &e)),
+        }
     }
 
     async fn record_rejected(&self, rejected: &Rejected) -> Result<()> {
