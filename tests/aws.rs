@@ -353,3 +353,143 @@ async fn a_signed_notification_starts_the_pipeline_once_and_bad_ones_enqueue_not
     );
     a.assert_queues_empty().await;
 }
+
+#[tokio::test]
+async fn the_watcher_queues_one_run_per_new_refresh_and_loses_none_to_outages_or_429s() {
+    use relink_sim::{LcsHistorySeed, Seed};
+
+    const TOKEN: &str = "lcs-delegated-token";
+    let a = AwsWorld::new(Spec {
+        registry_extra: "lcs_environment_id = \"lcs-env-9\"\nwatch = { lcs_project_id = \"1234567\", lcs_token = { env = \"RELINK_TEST_LCS_TOKEN\" }, lcs_api = \"{sim}/lcs\" }".into(),
+        ..Spec::default()
+    })
+    .await;
+    let entry = |kind: &str, id: &str, minutes_ago: i64| {
+        let end = jiff::Timestamp::now() - jiff::SignedDuration::from_mins(minutes_ago);
+        serde_json::json!({
+            "Name": kind, "Type": kind, "TypeDisplay": kind, "Status": "Completed", "ActivityId": id,
+            "EnvironmentId": "lcs-env-9", "ProjectId": "1234567",
+            "StartDateTimeUtc": (end - jiff::SignedDuration::from_mins(20)).to_string(),
+            // LCS writes UTC times without an offset.
+            "EndDateTimeUtc": end.strftime("%Y-%m-%dT%H:%M:%S%.3f").to_string(),
+        })
+    };
+    a.w.sim
+        .seed(&Seed {
+            lcs_tokens: vec![TOKEN.into()],
+            lcs_history: vec![LcsHistorySeed {
+                project_id: "1234567".into(),
+                environment_id: "lcs-env-9".into(),
+                entries: vec![
+                    entry("ApplyPackage", "act-pkg", 10),
+                    entry("SFSourceDbToSandbox", "act-old", 180),
+                ],
+            }],
+            ..Seed::default()
+        })
+        .unwrap();
+    let watch = async || {
+        let out = a
+            .command(&["watch", "--json"])
+            .env("RELINK_TEST_LCS_TOKEN", TOKEN)
+            .output()
+            .await
+            .unwrap();
+        let out = a.w.finish(out);
+        assert!(
+            !out.stdout.contains(TOKEN) && !out.stderr.contains(TOKEN),
+            "the LCS token leaked"
+        );
+        (
+            out.code,
+            serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap_or_default(),
+            out,
+        )
+    };
+    let started =
+        |report: &serde_json::Value| report["started"].as_array().map(|a| a.len()).unwrap_or(0);
+
+    let (code, report, out) = watch().await;
+    assert_eq!(
+        (code, started(&report)),
+        (0, 0),
+        "old refreshes and other operations start nothing: {out:?}"
+    );
+
+    a.w.sim.add_lcs_entry(
+        "1234567",
+        "lcs-env-9",
+        entry("SFSourceDbToSandbox", "act-new", 1),
+    );
+    let (code, report, out) = watch().await;
+    assert_eq!((code, started(&report)), (0, 1), "{out:?}");
+    assert_eq!(report["started"][0][2], "act-new");
+    let (_, report, _) = watch().await;
+    assert_eq!(started(&report), 0, "the next poll starts nothing new");
+
+    // LCS is down: the poll fails, keeps its place, and the next one finds the refresh.
+    a.w.sim.set_faults(Faults {
+        lcs_failing: true,
+        ..Faults::default()
+    });
+    a.w.sim.add_lcs_entry(
+        "1234567",
+        "lcs-env-9",
+        entry("SFSourceDbToSandbox", "act-during-outage", 0),
+    );
+    let (code, report, out) = watch().await;
+    assert_eq!((code, started(&report)), (1, 0), "{out:?}");
+    a.w.sim.set_faults(Faults::default());
+    let (_, report, out) = watch().await;
+    assert_eq!(started(&report), 1, "{out:?}");
+
+    // 429 + Retry-After from LCS delays the poll; the refresh is still found.
+    a.w.sim.set_faults(Faults {
+        lcs_throttle_next: 2,
+        ..Faults::default()
+    });
+    a.w.sim.add_lcs_entry(
+        "1234567",
+        "lcs-env-9",
+        entry("PointInTimeRestore", "act-pitr", 0),
+    );
+    let throttled_before = a.w.sim.snapshot().throttled;
+    let (code, report, out) = watch().await;
+    assert_eq!((code, started(&report)), (0, 1), "{out:?}");
+    assert!(a.w.sim.snapshot().throttled >= throttled_before + 2);
+
+    assert_eq!(
+        a.depth(&format!("{}detect-mismatch", a.prefix)).await,
+        3,
+        "one event per new restore"
+    );
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    let runs = a.status_json(&[]).await;
+    let statuses: Vec<&str> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses.len(),
+        3,
+        "{runs} {worker:?} {}",
+        a.status_json(&[ENV]).await
+    );
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == "awaiting-confirmation")
+            .count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        runs.as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["trigger"]["source"] == "lcs")
+    );
+}

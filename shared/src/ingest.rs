@@ -91,11 +91,55 @@ pub async fn ingest(
     let Some(env) = registry.find(&notice.environment) else {
         return answer(404, json!({"error": describe(&notice.environment)}));
     };
+    let run_id = match start_run(
+        deps.store.as_ref(),
+        deps.queue.as_ref(),
+        &env.id,
+        &notice,
+        now,
+    )
+    .await
+    {
+        Ok(Started::New(run_id)) => run_id,
+        Ok(Started::Seen(existing)) => {
+            return answer(
+                409,
+                json!({"error": format!("operation {} was already notified", notice.operation_id), "run_id": existing}),
+            );
+        }
+        Err(e @ Error::BadEvent(_)) => return answer(400, json!({"error": e.to_string()})),
+        Err(e) => return unavailable(&e),
+    };
+    tracing::info!(run_id = %run_id, environment_id = %env.id, operation = %notice.operation, operation_id = %notice.operation_id, "run started by notification");
+    answer(
+        202,
+        json!({"run_id": run_id, "environment_id": env.id, "operation_id": notice.operation_id}),
+    )
+}
+
+/// What [`start_run`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Started {
+    /// A new run was queued.
+    New(String),
+    /// The operation was seen before: its run.
+    Seen(String),
+}
+
+/// Queues a run for a restore signal, at most once per (source, operation id): the claim is
+/// written first and undone if the event cannot be sent, so a retry is not taken for a duplicate.
+pub async fn start_run(
+    store: &dyn ProgressStore,
+    queue: &dyn StageQueue,
+    environment_id: &str,
+    notice: &notify::Notice,
+    now: Timestamp,
+) -> Result<Started> {
     let run_id = ulid::Ulid::new().to_string();
     let event = StageEvent {
         version: SCHEMA_VERSION,
         run_id: Some(run_id.clone()),
-        environment_id: env.id.clone(),
+        environment_id: environment_id.to_string(),
         stage: Stage::DetectMismatch,
         trigger: Trigger {
             source: notice.source.to_string(),
@@ -104,36 +148,21 @@ pub async fn ingest(
         },
         options: RunOptions::default(),
     };
-    if let Err(e) = event.validate() {
-        return answer(400, json!({"error": e.to_string()}));
-    }
-    match deps
-        .store
+    event.validate()?;
+    if let Err(existing) = store
         .claim_trigger(notice.source, &notice.operation_id, &run_id)
-        .await
+        .await?
     {
-        Ok(Ok(())) => {}
-        Ok(Err(existing)) => {
-            return answer(
-                409,
-                json!({"error": format!("operation {} was already notified", notice.operation_id), "run_id": existing}),
-            );
-        }
-        Err(e) => return unavailable(&e),
+        return Ok(Started::Seen(existing));
     }
-    if let Err(e) = deps.queue.send(&event).await {
-        // Undo the claim so the sender's retry is not taken for a duplicate.
-        deps.store
+    if let Err(e) = queue.send(&event).await {
+        store
             .release_trigger(notice.source, &notice.operation_id, &run_id)
             .await
             .ok();
-        return unavailable(&e);
+        return Err(e);
     }
-    tracing::info!(run_id = %run_id, environment_id = %env.id, operation = %notice.operation, operation_id = %notice.operation_id, "run started by notification");
-    answer(
-        202,
-        json!({"run_id": run_id, "environment_id": env.id, "operation_id": notice.operation_id}),
-    )
+    Ok(Started::New(run_id))
 }
 
 fn unavailable(e: &Error) -> Answer {

@@ -21,5 +21,6 @@ pub mod redact;
 pub mod registry;
 pub mod stages;
 pub mod store_sqlite;
+pub mod watch;
 
 pub use error::{Error, Result};

@@ -102,6 +102,10 @@ pub trait ProgressStore: Send + Sync {
     ) -> Result<Result<(), String>>;
     /// Undoes a claim of `run_id` whose event could not be sent, so the sender's retry can work.
     async fn release_trigger(&self, source: &str, operation_id: &str, run_id: &str) -> Result<()>;
+    /// A named position (the restore watcher's "last seen" per environment and source).
+    async fn get_cursor(&self, key: &str) -> Result<Option<String>>;
+    /// Moves a named position.
+    async fn put_cursor(&self, key: &str, value: &str) -> Result<()>;
     /// Records a rejected message (poison) so operators can see it.
     async fn record_rejected(&self, rejected: &Rejected) -> Result<()>;
     /// Recently rejected messages, newest first.

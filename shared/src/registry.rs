@@ -109,6 +109,56 @@ struct RawEnv {
     lcs_environment_id: Option<String>,
     #[serde(default)]
     power_platform_environment_id: Option<String>,
+    #[serde(default)]
+    watch: Option<RawWatch>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWatch {
+    #[serde(default)]
+    lcs_project_id: Option<String>,
+    #[serde(default)]
+    lcs_token: Option<SecretSource>,
+    #[serde(default)]
+    lcs_api: Option<String>,
+    #[serde(default)]
+    power_platform: bool,
+    #[serde(default)]
+    power_platform_api: Option<String>,
+    #[serde(default = "default_lookback")]
+    lookback_minutes: u64,
+}
+
+fn default_lookback() -> u64 {
+    60
+}
+
+/// The LCS API (public cloud).
+pub const DEFAULT_LCS_API: &str = "https://lcsapi.lcs.dynamics.com";
+/// The Power Platform API.
+pub const DEFAULT_POWER_PLATFORM_API: &str = "https://api.powerplatform.com";
+
+/// Where the restore watcher looks for completed restores of an environment.
+#[derive(Clone, Debug)]
+pub struct WatchConfig {
+    /// LCS environment history, when a project and a token are configured.
+    pub lcs: Option<LcsWatch>,
+    /// Power Platform operations of `power_platform_environment_id`, with the app's token.
+    pub power_platform: Option<Url>,
+    /// How far back the first poll looks.
+    pub lookback: std::time::Duration,
+}
+
+/// LCS history settings.
+#[derive(Clone, Debug)]
+pub struct LcsWatch {
+    pub api: Url,
+    pub project_id: String,
+    pub environment_id: String,
+    /// LCS accepts only delegated (user) tokens: the secret holds a current access token.
+    pub token_source: SecretSource,
+    pub token: Option<Secret>,
 }
 
 fn default_reset() -> ResetMode {
@@ -167,6 +217,8 @@ pub struct EnvConfig {
     pub lcs_environment_id: Option<String>,
     /// The Power Platform environment id, so Power Platform notifications find this entry.
     pub power_platform_environment_id: Option<String>,
+    /// The restore watcher's settings, if it watches this environment.
+    pub watch: Option<WatchConfig>,
 }
 
 impl EnvConfig {
@@ -273,6 +325,18 @@ impl Registry {
         }
     }
 
+    /// Sets an environment's resolved LCS token (watcher).
+    pub fn set_lcs_token(&mut self, id: &str, token: Secret) {
+        if let Some(lcs) = self
+            .environments
+            .get_mut(id)
+            .and_then(|e| e.watch.as_mut())
+            .and_then(|w| w.lcs.as_mut())
+        {
+            lcs.token = Some(token);
+        }
+    }
+
     /// Sets an environment's resolved client secret.
     pub fn set_secret(&mut self, id: &str, secret: Secret) {
         if let Some(e) = self.environments.get_mut(id) {
@@ -361,6 +425,18 @@ fn validate(id: &str, raw: RawEnv, lookup: &impl Fn(&str) -> Option<String>) -> 
         )));
     }
     check_limits(&raw.limits)?;
+    let watch = raw
+        .watch
+        .map(|w| {
+            watch_config(
+                w,
+                &raw.lcs_environment_id,
+                &raw.power_platform_environment_id,
+                insecure,
+                lookup,
+            )
+        })
+        .transpose()?;
     Ok(EnvConfig {
         id: id.to_string(),
         kind: raw.kind,
@@ -377,8 +453,79 @@ fn validate(id: &str, raw: RawEnv, lookup: &impl Fn(&str) -> Option<String>) -> 
         reset: raw.reset,
         fno_purge_service: raw.fno_purge_service,
         limits: raw.limits,
+        watch,
         lcs_environment_id: raw.lcs_environment_id,
         power_platform_environment_id: raw.power_platform_environment_id,
+    })
+}
+
+fn watch_config(
+    w: RawWatch,
+    lcs_env: &Option<String>,
+    pp_env: &Option<String>,
+    insecure: bool,
+    lookup: &impl Fn(&str) -> Option<String>,
+) -> Result<WatchConfig> {
+    let lcs = match (w.lcs_project_id, w.lcs_token) {
+        (Some(project_id), Some(token_source)) => {
+            let environment_id = lcs_env.clone().ok_or_else(|| {
+                Error::Config(
+                    "`watch.lcs_project_id` needs `lcs_environment_id` on the entry".into(),
+                )
+            })?;
+            // A missing LCS token stops only the watcher's LCS polling of this entry (it says
+            // so when it polls), never the relinking itself.
+            let token = match &token_source {
+                SecretSource::Env(var) => lookup(var).filter(|v| !v.is_empty()).map(Secret::new),
+                SecretSource::SecretArn(_) => None,
+            };
+            let api = endpoint(
+                "watch.lcs_api",
+                w.lcs_api.as_deref().unwrap_or(DEFAULT_LCS_API),
+                insecure,
+            )?;
+            Some(LcsWatch {
+                api,
+                project_id,
+                environment_id,
+                token_source,
+                token,
+            })
+        }
+        (None, None) => None,
+        _ => {
+            return Err(Error::Config(
+                "`watch` needs both `lcs_project_id` and `lcs_token` to read LCS history".into(),
+            ));
+        }
+    };
+    let power_platform = if w.power_platform {
+        if pp_env.is_none() {
+            return Err(Error::Config(
+                "`watch.power_platform = true` needs `power_platform_environment_id` on the entry"
+                    .into(),
+            ));
+        }
+        Some(endpoint(
+            "watch.power_platform_api",
+            w.power_platform_api
+                .as_deref()
+                .unwrap_or(DEFAULT_POWER_PLATFORM_API),
+            insecure,
+        )?)
+    } else {
+        None
+    };
+    if lcs.is_none() && power_platform.is_none() {
+        return Err(Error::Config(
+            "`watch` watches nothing: set lcs_project_id + lcs_token, and/or power_platform = true"
+                .into(),
+        ));
+    }
+    Ok(WatchConfig {
+        lcs,
+        power_platform,
+        lookback: std::time::Duration::from_secs(w.lookback_minutes.max(1) * 60),
     })
 }
 

@@ -47,6 +47,10 @@ CREATE TABLE IF NOT EXISTS triggers (
     seen_at TEXT NOT NULL,
     PRIMARY KEY (source, operation_id)
 );
+CREATE TABLE IF NOT EXISTS cursors (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS rejected (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     body TEXT NOT NULL
@@ -323,6 +327,23 @@ impl ProgressStore for SqliteStore {
         self.conn().execute(
             "DELETE FROM triggers WHERE source = ?1 AND operation_id = ?2 AND run_id = ?3",
             params![source, operation_id, run_id],
+        )?;
+        Ok(())
+    }
+
+    async fn get_cursor(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT value FROM cursors WHERE name = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    async fn put_cursor(&self, key: &str, value: &str) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO cursors (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET value = ?2",
+            params![key, value],
         )?;
         Ok(())
     }

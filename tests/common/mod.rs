@@ -26,7 +26,7 @@ pub struct Spec {
     pub field_configs: usize,
     pub business_events: usize,
     pub purge_service: bool,
-    /// Extra registry lines for the environment.
+    /// Extra registry lines for the environment (`{sim}` stands for the simulator's base URL).
     pub registry_extra: String,
     /// The organisation `dataverse_url` points at (default: the UAT one, which is right).
     pub dataverse_org: &'static str,
@@ -126,6 +126,7 @@ impl World {
                 purge_service_path: spec.purge_service.then(|| PURGE_PATH.into()),
                 reset_project_configs: None,
             }],
+            ..Seed::default()
         })
         .expect("seed");
         let dir = std::env::temp_dir().join(format!("relink-test-{}", ulid::Ulid::new()));
@@ -147,7 +148,7 @@ impl World {
                 fno = sim.fno_url(ENV),
                 dv = sim.dataverse_url(spec.dataverse_org),
                 auth = sim.authority(),
-                extra = spec.registry_extra,
+                extra = spec.registry_extra.replace("{sim}", sim.base_url()),
             ),
         )
         .expect("registry");

@@ -235,7 +235,7 @@ async fn measure(sim: &Sim, mode: &str, rows: usize, dir: &Path) -> Result<Measu
             integrated_fno: None,
             runtime_configs: rows,
         }],
-        fno_environments: vec![],
+        ..Seed::default()
     })
     .map_err(anyhow::Error::msg)?;
     let before = sim.snapshot();

@@ -159,6 +159,43 @@ impl Aws {
         Ok(crate::exit::OK)
     }
 
+    /// `relink watch`: one poll of the restore watcher; exit 1 if a source failed.
+    pub async fn watch(&self, json: bool) -> Result<u8> {
+        let sqs = self.sqs();
+        let url =
+            relink_shared::aws::sqs::queue_url(&sqs, &self.names.queue(Stage::DetectMismatch))
+                .await?;
+        let queue = SqsQueue::new(sqs, HashMap::from([(Stage::DetectMismatch, url)]));
+        let http = Arc::new(Http::new(RetryPolicy::default(), Arc::new(TracingSink))?);
+        let watcher = relink_shared::watch::Watcher::new(
+            Arc::new(self.registry()),
+            Arc::new(self.store.clone()),
+            Arc::new(queue),
+            http,
+        );
+        let report = watcher.poll().await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+        } else {
+            for (env, run, op) in &report.started {
+                println!("{env}: restore {op} -> run {run}");
+            }
+            println!(
+                "{} run(s) queued, {} operation(s) already seen",
+                report.started.len(),
+                report.already_seen
+            );
+            for (env, source, e) in &report.errors {
+                eprintln!("error: {env} ({source}): {e}");
+            }
+        }
+        Ok(if report.errors.is_empty() {
+            crate::exit::OK
+        } else {
+            crate::exit::FAILED
+        })
+    }
+
     /// `relink confirm` against the table.
     pub async fn confirm(&self, run_id: &str, sink: Arc<dyn ProgressSink>) -> Result<Run> {
         let registry = self.registry().registry().await?;

@@ -103,6 +103,7 @@ pub async fn run(keep: bool) -> Result<u8> {
             ),
             reset_project_configs: Some(5),
         }],
+        ..Seed::default()
     })
     .map_err(Error::Config)?;
     say(&format!(

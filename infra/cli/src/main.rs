@@ -144,6 +144,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// AWS mode: poll LCS history / Power Platform operations once and queue a run per new restore.
+    Watch {
+        #[arg(long)]
+        json: bool,
+    },
     /// AWS mode: registry entries in the table.
     #[command(subcommand)]
     Env(EnvCommand),
@@ -309,6 +314,7 @@ async fn aws_dispatch(
             allow_env_secret,
         }) => aws.env_push(config, &env, allow_env_secret).await,
         Command::Env(EnvCommand::List { json }) => aws.env_list(json).await,
+        Command::Watch { json } => aws.watch(json).await,
         Command::LocalStack(LocalStackCommand::Create { visibility_secs }) => {
             aws.create_stack(visibility_secs.map(Duration::from_secs))
                 .await

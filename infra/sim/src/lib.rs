@@ -105,6 +105,24 @@ pub struct FnoSeed {
     pub reset_project_configs: Option<usize>,
 }
 
+/// LCS environment history entries of one project environment, newest first.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LcsHistorySeed {
+    pub project_id: String,
+    pub environment_id: String,
+    /// Entries in LCS's shape (`Name`, `Type`, `Status`, `ActivityId`, `EndDateTimeUtc`, ...).
+    pub entries: Vec<Value>,
+}
+
+/// Power Platform operations of one environment.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PowerPlatformSeed {
+    pub environment_id: String,
+    pub operations: Vec<Value>,
+}
+
 /// Seed data; each list replaces objects of the same name.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -115,6 +133,13 @@ pub struct Seed {
     pub organizations: Vec<OrgSeed>,
     #[serde(default)]
     pub fno_environments: Vec<FnoSeed>,
+    /// Bearer tokens LCS accepts (LCS takes delegated user tokens, which the simulator does not mint).
+    #[serde(default)]
+    pub lcs_tokens: Vec<String>,
+    #[serde(default)]
+    pub lcs_history: Vec<LcsHistorySeed>,
+    #[serde(default)]
+    pub power_platform: Vec<PowerPlatformSeed>,
 }
 
 /// Dataverse's service protection limits (per client, per organisation, sliding window).
@@ -173,6 +198,10 @@ pub struct Faults {
     pub token_lifetime_secs: u64,
     /// Seed for the fault dice, for reproducible runs (random when absent).
     pub rng_seed: Option<u64>,
+    /// The next N LCS requests are answered 429 with `Retry-After: 1`.
+    pub lcs_throttle_next: u32,
+    /// LCS answers `IsSuccess: false` (an outage of the source).
+    pub lcs_failing: bool,
 }
 
 impl Default for Faults {
@@ -186,6 +215,8 @@ impl Default for Faults {
             protection: None,
             token_lifetime_secs: 3599,
             rng_seed: None,
+            lcs_throttle_next: 0,
+            lcs_failing: false,
         }
     }
 }
@@ -270,6 +301,10 @@ struct SimState {
     snapshot: Snapshot,
     in_flight: usize,
     rng: Option<rand::rngs::StdRng>,
+    lcs_tokens: std::collections::HashSet<String>,
+    lcs_history: HashMap<(String, String), Vec<Value>>,
+    lcs_calls: HashMap<String, VecDeque<Instant>>,
+    power_platform: HashMap<String, Vec<Value>>,
 }
 
 impl SimState {
@@ -364,6 +399,24 @@ impl Sim {
     pub fn reset_link(&self, fno_env: &str) -> Result<(), String> {
         reset_link(&self.shared, fno_env)
     }
+    /// Adds an LCS history entry (newest first) to a project environment.
+    pub fn add_lcs_entry(&self, project_id: &str, environment_id: &str, entry: Value) {
+        self.shared
+            .lock()
+            .lcs_history
+            .entry((project_id.to_string(), environment_id.to_ascii_lowercase()))
+            .or_default()
+            .insert(0, entry);
+    }
+    /// The LCS API base (what `watch.lcs_api` is set to).
+    pub fn lcs_api(&self) -> String {
+        format!("{}/lcs", self.shared.base)
+    }
+    /// The Power Platform API base (what `watch.power_platform_api` is set to).
+    pub fn power_platform_api(&self) -> String {
+        format!("{}/powerplatform", self.shared.base)
+    }
+
     /// The rows currently in an organisation's runtime-config table.
     pub fn runtime_config_ids(&self, org: &str) -> Vec<String> {
         self.shared
@@ -403,6 +456,17 @@ fn apply_seed(shared: &Shared, seed: &Seed) -> Result<(), String> {
     let mut st = shared.lock();
     for a in &seed.apps {
         st.apps.insert(a.client_id.clone(), a.client_secret.clone());
+    }
+    st.lcs_tokens.extend(seed.lcs_tokens.iter().cloned());
+    for h in &seed.lcs_history {
+        st.lcs_history.insert(
+            (h.project_id.clone(), h.environment_id.to_ascii_lowercase()),
+            h.entries.clone(),
+        );
+    }
+    for p in &seed.power_platform {
+        st.power_platform
+            .insert(p.environment_id.to_ascii_lowercase(), p.operations.clone());
     }
     for o in &seed.organizations {
         if !is_segment(&o.name) {
@@ -601,6 +665,8 @@ fn prefers(headers: &HeaderMap, what: &str) -> bool {
 
 /// Which simulated service a request is for.
 enum Target {
+    Lcs { rest: String },
+    PowerPlatform { rest: String },
     Token { tenant: String },
     Dataverse { org: String, rest: String },
     Fno { env: String, rest: String },
@@ -611,6 +677,16 @@ fn route(path: &str) -> Option<Target> {
     let p = path.trim_start_matches('/');
     if let Some(rest) = p.strip_prefix("_sim/") {
         return Some(Target::Control {
+            rest: rest.to_string(),
+        });
+    }
+    if let Some(rest) = p.strip_prefix("lcs/") {
+        return Some(Target::Lcs {
+            rest: rest.to_string(),
+        });
+    }
+    if let Some(rest) = p.strip_prefix("powerplatform/") {
+        return Some(Target::PowerPlatform {
             rest: rest.to_string(),
         });
     }
@@ -652,6 +728,8 @@ async fn handle(
     match target {
         Target::Control { rest } => control(&shared, &method, &rest, &body),
         Target::Token { tenant } => token(&shared, &tenant, &body),
+        Target::Lcs { rest } => lcs(&shared, &method, &rest, &uri, &headers),
+        Target::PowerPlatform { rest } => power_platform(&shared, &method, &rest, &headers),
         Target::Dataverse { org, rest } => {
             service(
                 &shared,
@@ -1037,6 +1115,152 @@ fn pacing_headers(shared: &Shared, key: &str, p: &Protection, resp: &mut Respons
         HeaderValue::from(p.execution_ms.saturating_sub(exec)),
     );
     h.insert("x-ms-dop-hint", HeaderValue::from(4u64));
+}
+
+const LCS_PAGE: usize = 5;
+const LCS_CALLS_PER_WINDOW: usize = 6;
+const LCS_WINDOW: Duration = Duration::from_secs(30);
+
+fn bearer(headers: &HeaderMap) -> String {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .to_string()
+}
+
+/// LCS environment history: `GET /environmentinfo/v1/history/project/{p}/environment/{e}/?page=N`,
+/// 6 calls per environment per 30 s, then 429 with `Retry-After`; answers always carry `IsSuccess`.
+fn lcs(shared: &Shared, method: &Method, rest: &str, uri: &Uri, headers: &HeaderMap) -> Response {
+    let parts: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
+    let (
+        [
+            "environmentinfo",
+            "v1",
+            "history",
+            "project",
+            project,
+            "environment",
+            env,
+        ],
+        true,
+    ) = (parts.as_slice(), method == Method::GET)
+    else {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"IsSuccess": false, "ErrorMessage": "Not found"})),
+        )
+            .into_response();
+    };
+    let mut st = shared.lock();
+    st.snapshot.requests += 1;
+    *st.snapshot.page_reads.entry("lcs".into()).or_default() += 1;
+    if !st.lcs_tokens.contains(&bearer(headers)) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({"IsSuccess": false, "ErrorMessage": "Unauthorized"})),
+        )
+            .into_response();
+    }
+    let now = Instant::now();
+    let calls = st.lcs_calls.entry(env.to_ascii_lowercase()).or_default();
+    while calls
+        .front()
+        .is_some_and(|t| now.duration_since(*t) > LCS_WINDOW)
+    {
+        calls.pop_front();
+    }
+    let over = calls.len() >= LCS_CALLS_PER_WINDOW;
+    let wait = calls
+        .front()
+        .map(|t| {
+            LCS_WINDOW
+                .saturating_sub(now.duration_since(*t))
+                .as_secs()
+                .max(1)
+        })
+        .unwrap_or(1);
+    if !over {
+        calls.push_back(now);
+    }
+    let forced = st.faults.lcs_throttle_next > 0;
+    if forced || over {
+        if forced {
+            st.faults.lcs_throttle_next -= 1;
+        }
+        st.snapshot.throttled += 1;
+        let mut r = (
+            StatusCode::TOO_MANY_REQUESTS,
+            axum::Json(json!({"IsSuccess": false, "ErrorMessage": "Too many requests"})),
+        )
+            .into_response();
+        r.headers_mut().insert(
+            "Retry-After",
+            HeaderValue::from(if forced { 1 } else { wait }),
+        );
+        return r;
+    }
+    if st.faults.lcs_failing {
+        return axum::Json(json!({"ResultPageCurrent": 1, "ResultHasMorePages": false, "Data": null, "IsSuccess": false, "ErrorMessage": "The environment history is not available right now."})).into_response();
+    }
+    let page: usize = uri
+        .query()
+        .and_then(|q| query_param(q, "page"))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let entries = st
+        .lcs_history
+        .get(&(project.to_string(), env.to_ascii_lowercase()))
+        .cloned()
+        .unwrap_or_default();
+    let data: Vec<Value> = entries
+        .iter()
+        .skip((page - 1) * LCS_PAGE)
+        .take(LCS_PAGE)
+        .cloned()
+        .collect();
+    axum::Json(json!({
+        "ResultPageCurrent": page,
+        "ResultHasMorePages": entries.len() > page * LCS_PAGE,
+        "Data": data,
+        "IsSuccess": true,
+        "ErrorMessage": null,
+        "VersionEOL": "9999-12-31T23:59:59.9999999",
+    }))
+    .into_response()
+}
+
+/// Power Platform: `GET /environmentmanagement/environments/{id}/operations` with an app token
+/// whose audience is `{base}/powerplatform`.
+fn power_platform(shared: &Shared, method: &Method, rest: &str, headers: &HeaderMap) -> Response {
+    let parts: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
+    let (["environmentmanagement", "environments", env, "operations"], true) =
+        (parts.as_slice(), method == Method::GET)
+    else {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"error": {"code": "NotFound", "message": "Not found"}})),
+        )
+            .into_response();
+    };
+    let mut st = shared.lock();
+    st.snapshot.requests += 1;
+    let audience = format!("{}/powerplatform", shared.base).to_ascii_lowercase();
+    let ok = st
+        .tokens
+        .get(&bearer(headers))
+        .is_some_and(|t| t.audience == audience && t.expires > Instant::now());
+    if !ok {
+        return (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": {"code": "Unauthorized", "message": "The token is missing, expired or not for this API."}}))).into_response();
+    }
+    let ops = st
+        .power_platform
+        .get(&env.to_ascii_lowercase())
+        .cloned()
+        .unwrap_or_default();
+    axum::Json(json!({"value": ops})).into_response()
 }
 
 /// Resolves a batch operation's target to a path under the service root.

@@ -8,6 +8,7 @@
 //! | archive chunk | `ENV#{env}` | `ARCHIVE#{run_id}#{table}#{chunk ulid}` |
 //! | registry entry | `ENV#{env}` | `CONFIG` |
 //! | trigger seen (dedup of restore signals) | `TRIGGER#{source}#{operation_id}` | `TRIGGER` |
+//! | watcher cursor | `CURSOR#{env}/{source}` | `CURSOR` |
 //! | rejected message | `REJECTED` | `{received_at}#{message_id}` |
 //!
 //! Index `gsi1` (`gsi1pk`, `gsi1sk`) lists runs (`RUNS`, run id) and registry entries
@@ -619,6 +620,27 @@ impl ProgressStore for DynamoStore {
             Err(e) if is_condition_failed(&e) => Ok(()),
             Err(e) => Err(store_err("DeleteItem TRIGGER", &e)),
         }
+    }
+
+    async fn get_cursor(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .get_item(format!("CURSOR#{key}"), "CURSOR")
+            .await?
+            .and_then(|i| get_s(&i, "value").map(str::to_string)))
+    }
+
+    async fn put_cursor(&self, key: &str, value: &str) -> Result<()> {
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .item("PK", s(format!("CURSOR#{key}")))
+            .item("SK", s("CURSOR"))
+            .item("value", s(value))
+            .item("updated_at", s(Timestamp::now().to_string()))
+            .send()
+            .await
+            .map_err(|e| store_err("PutItem CURSOR", &e))?;
+        Ok(())
     }
 
     async fn record_rejected(&self, rejected: &Rejected) -> Result<()> {

@@ -60,9 +60,34 @@ impl SecretResolver {
                 _ => None,
             })
             .collect();
+        // One unreadable secret must not stop every other environment: the environment whose
+        // secret is missing fails on its own, with this error in the log.
         for (id, arn) in wanted {
-            let secret = self.get(&arn).await?;
-            registry.set_secret(&id, secret);
+            match self.get(&arn).await {
+                Ok(secret) => registry.set_secret(&id, secret),
+                Err(e) => {
+                    tracing::error!(environment_id = %id, error = %e, "client secret not readable")
+                }
+            }
+        }
+        let lcs: Vec<(String, String)> = registry
+            .iter()
+            .filter_map(|e| match e.watch.as_ref()?.lcs.as_ref()? {
+                crate::registry::LcsWatch {
+                    token_source: SecretSource::SecretArn(arn),
+                    token: None,
+                    ..
+                } => Some((e.id.clone(), arn.clone())),
+                _ => None,
+            })
+            .collect();
+        for (id, arn) in lcs {
+            match self.get(&arn).await {
+                Ok(token) => registry.set_lcs_token(&id, token),
+                Err(e) => {
+                    tracing::error!(environment_id = %id, error = %e, "LCS token not readable")
+                }
+            }
         }
         Ok(())
     }

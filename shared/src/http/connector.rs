@@ -34,8 +34,8 @@ impl HttpConnector {
         }
         let secret = env.client_secret.clone().ok_or_else(|| {
             Error::Config(format!(
-                "environment `{}` takes its client secret from Secrets Manager, which only the AWS functions read; for relink run, use client_secret = {{ env = \"VARIABLE\" }}",
-                env.id
+                "the client secret of environment `{}` ({:?}) is not available: relink run reads only client_secret = {{ env = \"VARIABLE\" }}; the AWS functions read secret_arn, and log why when they cannot",
+                env.id, env.secret_source
             ))
         })?;
         let tokens: Arc<dyn TokenSource> = Arc::new(token::EntraTokens::new(
