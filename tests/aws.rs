@@ -493,3 +493,44 @@ async fn the_watcher_queues_one_run_per_new_refresh_and_loses_none_to_outages_or
             .all(|r| r["trigger"]["source"] == "lcs")
     );
 }
+
+#[tokio::test]
+async fn the_watcher_reads_power_platform_operations_with_the_apps_token() {
+    use relink_sim::{PowerPlatformSeed, Seed};
+
+    let a = AwsWorld::new(Spec {
+        registry_extra: "power_platform_environment_id = \"pp-env-1\"\nwatch = { power_platform = true, power_platform_api = \"{sim}/powerplatform\" }".into(),
+        ..Spec::default()
+    })
+    .await;
+    let op = |id: &str, kind: &str, status: &str| serde_json::json!({"id": id, "operationType": kind, "status": status, "createdDateTime": jiff::Timestamp::now().to_string(), "lastActionDateTime": jiff::Timestamp::now().to_string()});
+    a.w.sim
+        .seed(&Seed {
+            power_platform: vec![PowerPlatformSeed {
+                environment_id: "pp-env-1".into(),
+                operations: vec![
+                    op("op-copy", "Copy", "Succeeded"),
+                    op("op-backup", "Backup", "Succeeded"),
+                    op("op-running", "Restore", "Running"),
+                ],
+            }],
+            ..Seed::default()
+        })
+        .unwrap();
+    let out = a.relink(&["watch", "--json"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let report = out.json();
+    let started: Vec<&str> = report["started"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s[2].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        started,
+        ["op-copy"],
+        "only the completed copy starts a run: {report}"
+    );
+    let again = a.relink(&["watch", "--json"]).await.json();
+    assert!(again["started"].as_array().unwrap().is_empty(), "{again}");
+}
