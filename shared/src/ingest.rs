@@ -6,7 +6,6 @@
 //! already seen (with the existing run id); 503 when the registry or the queue is unavailable
 //! (the sender should retry).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use aws_lambda_events::event::lambda_function_urls::{
@@ -220,24 +219,13 @@ pub async fn handle_url(
 /// secret from `NOTIFY_SECRET_ARN` (Secrets Manager) or `RELINK_NOTIFY_SECRET`.
 pub async fn run_function() -> Result<(), lambda_runtime::Error> {
     crate::lambda::init_tracing();
-    let var = |name: &str| {
-        std::env::var(name)
-            .map_err(|_| Error::Config(format!("environment variable {name} is not set")))
-    };
-    let config = crate::aws::sdk_config().await;
-    let store = crate::aws::dynamo::DynamoStore::new(
-        aws_sdk_dynamodb::Client::new(&config),
-        var("RELINK_TABLE")?,
-    );
+    let (config, store) = crate::aws::function_base().await?;
     let secrets = crate::aws::secrets::SecretResolver::new(&config);
     let secret = match std::env::var("NOTIFY_SECRET_ARN") {
         Ok(arn) if !arn.is_empty() => secrets.get(&arn).await?,
-        _ => Secret::new(var("RELINK_NOTIFY_SECRET")?),
+        _ => Secret::new(crate::aws::env_var("RELINK_NOTIFY_SECRET")?),
     };
-    let queue = crate::aws::sqs::SqsQueue::new(
-        aws_sdk_sqs::Client::new(&config),
-        HashMap::from([(Stage::DetectMismatch, var("DETECT_QUEUE_URL")?)]),
-    );
+    let queue = crate::aws::detect_queue(&config)?;
     let deps = IngestDeps {
         registry: Arc::new(crate::aws::registry::TableRegistry::new(
             store.clone(),

@@ -13,7 +13,6 @@ use jiff::Timestamp;
 use lambda_runtime::{Context, LambdaEvent};
 use tracing::Instrument;
 
-use crate::aws::dynamo::DynamoStore;
 use crate::aws::registry::TableRegistry;
 use crate::aws::secrets::SecretResolver;
 use crate::aws::sqs::SqsQueue;
@@ -195,15 +194,10 @@ impl FunctionDeps {
     /// Builds a stage function's clients once, from its environment: `RELINK_TABLE` and, for every
     /// stage but the last, `NEXT_QUEUE_URL` (the only queue the function may send to).
     pub async fn from_env(stage: Stage) -> Result<FunctionDeps> {
-        let var = |name: &str| {
-            std::env::var(name)
-                .map_err(|_| Error::Config(format!("environment variable {name} is not set")))
-        };
-        let config = crate::aws::sdk_config().await;
-        let store = DynamoStore::new(aws_sdk_dynamodb::Client::new(&config), var("RELINK_TABLE")?);
+        let (config, store) = crate::aws::function_base().await?;
         let mut urls = HashMap::new();
         if let Some(next) = stage.next() {
-            urls.insert(next, var("NEXT_QUEUE_URL")?);
+            urls.insert(next, crate::aws::env_var("NEXT_QUEUE_URL")?);
         }
         let sink: Arc<dyn ProgressSink> = Arc::new(TracingSink);
         let http = Arc::new(Http::new(RetryPolicy::default(), sink.clone())?);

@@ -340,22 +340,8 @@ impl Watcher {
 /// The whole `main` of the watch-restores function (EventBridge schedule).
 pub async fn run_function() -> Result<(), lambda_runtime::Error> {
     crate::lambda::init_tracing();
-    let var = |name: &str| {
-        std::env::var(name)
-            .map_err(|_| Error::Config(format!("environment variable {name} is not set")))
-    };
-    let config = crate::aws::sdk_config().await;
-    let store = crate::aws::dynamo::DynamoStore::new(
-        aws_sdk_dynamodb::Client::new(&config),
-        var("RELINK_TABLE")?,
-    );
-    let queue = crate::aws::sqs::SqsQueue::new(
-        aws_sdk_sqs::Client::new(&config),
-        HashMap::from([(
-            crate::model::Stage::DetectMismatch,
-            var("DETECT_QUEUE_URL")?,
-        )]),
-    );
+    let (config, store) = crate::aws::function_base().await?;
+    let queue = crate::aws::detect_queue(&config)?;
     let http = Arc::new(Http::new(
         crate::http::RetryPolicy::default(),
         Arc::new(crate::progress::TracingSink),

@@ -77,6 +77,18 @@ fn is_condition_failed<E: std::error::Error>(e: &E) -> bool {
     text.contains("ConditionalCheckFailed") || text.contains("conditional request failed")
 }
 
+/// A conditional write whose failed condition means "nothing to do" (not ours, already gone).
+fn unless_condition_failed<T, E: std::error::Error>(
+    res: std::result::Result<T, E>,
+    op: &str,
+) -> Result<()> {
+    match res {
+        Ok(_) => Ok(()),
+        Err(e) if is_condition_failed(&e) => Ok(()),
+        Err(e) => Err(store_err(op, &e)),
+    }
+}
+
 fn store_err<E: std::error::Error>(op: &str, e: &E) -> Error {
     Error::Store(format!("DynamoDB {op}: {}", sdk_error(e)))
 }
@@ -430,11 +442,7 @@ impl ProgressStore for DynamoStore {
             .expression_attribute_values(":owner", s(&owner.0))
             .send()
             .await;
-        match res {
-            Ok(_) => Ok(()),
-            Err(e) if is_condition_failed(&e) => Ok(()),
-            Err(e) => Err(store_err("UpdateItem lock", &e)),
-        }
+        unless_condition_failed(res, "UpdateItem lock")
     }
 
     async fn get_lock(&self, environment_id: &str) -> Result<Option<Lock>> {
@@ -456,11 +464,7 @@ impl ProgressStore for DynamoStore {
             .expression_attribute_values(":run", s(run_id))
             .send()
             .await;
-        match res {
-            Ok(_) => Ok(()),
-            Err(e) if is_condition_failed(&e) => Ok(()),
-            Err(e) => Err(store_err("DeleteItem lock", &e)),
-        }
+        unless_condition_failed(res, "DeleteItem lock")
     }
 
     async fn archive(
@@ -615,11 +619,7 @@ impl ProgressStore for DynamoStore {
             .expression_attribute_values(":run", s(run_id))
             .send()
             .await;
-        match res {
-            Ok(_) => Ok(()),
-            Err(e) if is_condition_failed(&e) => Ok(()),
-            Err(e) => Err(store_err("DeleteItem TRIGGER", &e)),
-        }
+        unless_condition_failed(res, "DeleteItem TRIGGER")
     }
 
     async fn get_cursor(&self, key: &str) -> Result<Option<String>> {

@@ -17,6 +17,29 @@ pub async fn sdk_config() -> aws_config::SdkConfig {
     aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await
 }
 
+/// A required environment variable of a function.
+pub fn env_var(name: &str) -> crate::Result<String> {
+    std::env::var(name)
+        .map_err(|_| crate::Error::Config(format!("environment variable {name} is not set")))
+}
+
+/// What every function starts from: the SDK configuration and the table named by `RELINK_TABLE`.
+pub async fn function_base() -> crate::Result<(aws_config::SdkConfig, dynamo::DynamoStore)> {
+    let config = sdk_config().await;
+    let store = dynamo::DynamoStore::new(
+        aws_sdk_dynamodb::Client::new(&config),
+        env_var("RELINK_TABLE")?,
+    );
+    Ok((config, store))
+}
+
+/// A sender to the detect-mismatch queue only, at `DETECT_QUEUE_URL` (ingest and watcher).
+pub fn detect_queue(config: &aws_config::SdkConfig) -> crate::Result<sqs::SqsQueue> {
+    let urls =
+        std::collections::HashMap::from([(Stage::DetectMismatch, env_var("DETECT_QUEUE_URL")?)]);
+    Ok(sqs::SqsQueue::new(aws_sdk_sqs::Client::new(config), urls))
+}
+
 /// Each function's timeout in the template; the queue's visibility timeout is six times it.
 pub fn function_timeout(stage: Stage) -> Duration {
     Duration::from_secs(match stage {
