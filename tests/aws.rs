@@ -517,8 +517,22 @@ async fn the_watcher_reads_power_platform_operations_with_the_apps_token() {
             ..Seed::default()
         })
         .unwrap();
+    // Throttling and 5xx from the API only delay the poll.
+    a.w.sim.set_faults(Faults {
+        rate_429: 0.5,
+        rate_5xx: 0.5,
+        retry_after_secs: 1,
+        rng_seed: Some(11),
+        ..Faults::default()
+    });
     let out = a.relink(&["watch", "--json"]).await;
     assert_eq!(out.code, 0, "{out:?}");
+    let snap = a.w.sim.snapshot();
+    assert!(
+        snap.throttled + snap.server_errors > 0,
+        "the faults were injected"
+    );
+    a.w.sim.set_faults(Faults::default());
     let report = out.json();
     let started: Vec<&str> = report["started"]
         .as_array()

@@ -178,7 +178,8 @@ impl Protection {
     }
 }
 
-/// Injected faults. Applied to Dataverse and F&O requests (not the token endpoint).
+/// Injected faults. Latency, 429 and 5xx rates apply to Dataverse, F&O, LCS and Power Platform
+/// requests (not the token endpoint); the `lcs_*` knobs to LCS only.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Faults {
@@ -186,7 +187,7 @@ pub struct Faults {
     pub latency_ms: u64,
     /// Added per operation inside a `$batch` (and per single delete); counts as execution time.
     pub per_op_latency_ms: u64,
-    /// Fraction of requests answered 429.
+    /// Fraction of requests answered 429 (every simulated service but the token endpoint).
     pub rate_429: f64,
     /// `Retry-After` seconds on injected 429s.
     pub retry_after_secs: u64,
@@ -728,8 +729,14 @@ async fn handle(
     match target {
         Target::Control { rest } => control(&shared, &method, &rest, &body),
         Target::Token { tenant } => token(&shared, &tenant, &body),
-        Target::Lcs { rest } => lcs(&shared, &method, &rest, &uri, &headers),
-        Target::PowerPlatform { rest } => power_platform(&shared, &method, &rest, &headers),
+        Target::Lcs { rest } => match generic_faults(&shared).await {
+            Some(r) => r,
+            None => lcs(&shared, &method, &rest, &uri, &headers),
+        },
+        Target::PowerPlatform { rest } => match generic_faults(&shared).await {
+            Some(r) => r,
+            None => power_platform(&shared, &method, &rest, &headers),
+        },
         Target::Dataverse { org, rest } => {
             service(
                 &shared,
@@ -1115,6 +1122,39 @@ fn pacing_headers(shared: &Shared, key: &str, p: &Protection, resp: &mut Respons
         HeaderValue::from(p.execution_ms.saturating_sub(exec)),
     );
     h.insert("x-ms-dop-hint", HeaderValue::from(4u64));
+}
+
+/// The injected latency, 429 and 5xx rates, for the LCS and Power Platform simulators (the
+/// Dynamics ones weave them into their service protection accounting instead).
+async fn generic_faults(shared: &Shared) -> Option<Response> {
+    let (latency, verdict) = {
+        let mut st = shared.lock();
+        let f = st.faults.clone();
+        let verdict = if f.rate_429 > 0.0 && st.roll() < f.rate_429 {
+            st.snapshot.throttled += 1;
+            Some((StatusCode::TOO_MANY_REQUESTS, f.retry_after_secs))
+        } else if f.rate_5xx > 0.0 && st.roll() < f.rate_5xx {
+            st.snapshot.server_errors += 1;
+            Some((StatusCode::SERVICE_UNAVAILABLE, 0))
+        } else {
+            None
+        };
+        (Duration::from_millis(f.latency_ms), verdict)
+    };
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let (status, retry_after) = verdict?;
+    let mut r = (
+        status,
+        axum::Json(json!({"IsSuccess": false, "ErrorMessage": status.canonical_reason()})),
+    )
+        .into_response();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        r.headers_mut()
+            .insert("Retry-After", HeaderValue::from(retry_after));
+    }
+    Some(r)
 }
 
 const LCS_PAGE: usize = 5;
