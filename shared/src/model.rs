@@ -97,11 +97,6 @@ impl RunStatus {
         )
     }
 
-    /// Whether the run still holds (or may take) its environment.
-    pub fn is_unfinished(self) -> bool {
-        matches!(self, RunStatus::Pending | RunStatus::Running)
-    }
-
     fn may_become(self, to: RunStatus) -> bool {
         use RunStatus::*;
         match (self, to) {

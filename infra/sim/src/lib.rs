@@ -417,16 +417,6 @@ impl Sim {
     pub fn power_platform_api(&self) -> String {
         format!("{}/powerplatform", self.shared.base)
     }
-
-    /// The rows currently in an organisation's runtime-config table.
-    pub fn runtime_config_ids(&self, org: &str) -> Vec<String> {
-        self.shared
-            .lock()
-            .orgs
-            .get(org)
-            .map(|o| o.rows.keys().map(|k| k.to_string()).collect())
-            .unwrap_or_default()
-    }
 }
 
 fn snapshot(shared: &Shared) -> Snapshot {

@@ -32,8 +32,8 @@ use crate::error::{Error, Result};
 use crate::model::Run;
 use crate::ports::{ArchivedRow, LeaseOwner, Lock, ProgressStore, Rejected};
 
-/// How long runs and archives are kept (TTL), unless configured otherwise.
-pub const DEFAULT_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
+/// How long runs, archives and other items are kept (the `expires_at` TTL).
+pub const RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
 /// Archive chunks stay well under DynamoDB's 400 KB item limit.
 const CHUNK_BYTES: usize = 300 * 1024;
 /// The secondary index listing runs and registry entries.
@@ -46,7 +46,6 @@ type Item = HashMap<String, AttributeValue>;
 pub struct DynamoStore {
     client: Client,
     table: String,
-    retention: Duration,
 }
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -99,14 +98,7 @@ impl DynamoStore {
         DynamoStore {
             client,
             table: table.into(),
-            retention: DEFAULT_RETENTION,
         }
-    }
-
-    /// Keeps items for `retention` (the `expires_at` TTL).
-    pub fn with_retention(mut self, retention: Duration) -> DynamoStore {
-        self.retention = retention;
-        self
     }
 
     /// The SDK client.
@@ -120,7 +112,7 @@ impl DynamoStore {
     }
 
     fn expires_at(&self) -> i64 {
-        (Timestamp::now() + self.retention).as_second()
+        (Timestamp::now() + RETENTION).as_second()
     }
 
     fn run_item(&self, run: &Run) -> Item {

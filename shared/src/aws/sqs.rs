@@ -37,11 +37,6 @@ impl SqsQueue {
     pub fn url(&self, stage: Stage) -> Option<&str> {
         self.urls.get(&stage).map(String::as_str)
     }
-
-    /// The SDK client.
-    pub fn client(&self) -> &aws_sdk_sqs::Client {
-        &self.client
-    }
 }
 
 /// Looks a queue URL up by name, with an error that says how to create the queue.

@@ -11,7 +11,6 @@ pub mod token;
 pub use connector::HttpConnector;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -60,14 +59,6 @@ impl RetryPolicy {
     }
 }
 
-/// Request counters of one [`Http`], for outcomes and benchmarks.
-#[derive(Debug, Default)]
-pub struct HttpStats {
-    pub requests: AtomicU64,
-    pub retries: AtomicU64,
-    pub throttled: AtomicU64,
-}
-
 /// What a service is, for messages and credential hints.
 #[derive(Clone, Copy, Debug)]
 pub struct Service {
@@ -83,7 +74,6 @@ pub struct Http {
     sink: Arc<dyn ProgressSink>,
     /// After a 429, no request to the same service and origin starts before this instant.
     gates: Mutex<HashMap<String, Instant>>,
-    stats: HttpStats,
 }
 
 impl Http {
@@ -102,18 +92,12 @@ impl Http {
             policy,
             sink,
             gates: Mutex::new(HashMap::new()),
-            stats: HttpStats::default(),
         })
     }
 
     /// The underlying reqwest client, for building requests.
     pub fn client(&self) -> &reqwest::Client {
         &self.client
-    }
-
-    /// Counters of requests sent, retried and throttled.
-    pub fn stats(&self) -> &HttpStats {
-        &self.stats
     }
 
     /// Sends a request built by `build` (called once per attempt with the bearer token, if
@@ -147,7 +131,6 @@ impl Http {
                 request.url().origin().ascii_serialization()
             );
             self.wait_gate(&gate_key).await;
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
             let (wait, status, detail) = match self.client.execute(request).await {
                 Ok(resp) => {
                     let status = resp.status();
@@ -186,7 +169,6 @@ impl Http {
                             });
                         }
                         429 => {
-                            self.stats.throttled.fetch_add(1, Ordering::Relaxed);
                             let ra = retry_after.unwrap_or_else(|| self.policy.backoff(attempt));
                             if ra > self.policy.max_retry_after {
                                 return Err(Error::Unavailable {
@@ -233,7 +215,6 @@ impl Http {
                     retry_after: last_retry_after,
                 });
             }
-            self.stats.retries.fetch_add(1, Ordering::Relaxed);
             self.sink.emit(Progress::Retry {
                 service: service.name,
                 status,
