@@ -23,7 +23,7 @@ use crate::ingest::{Started, start_run};
 use crate::lambda::RegistrySource;
 use crate::notify::{self, Parsed};
 use crate::ports::{ProgressStore, StageQueue, TokenSource};
-use crate::registry::{EnvConfig, LcsWatch, join};
+use crate::registry::{EnvConfig, LcsWatch, Secret, join};
 
 const LCS: Service = Service {
     name: "LCS",
@@ -58,6 +58,9 @@ pub struct Watcher {
     pub queue: Arc<dyn StageQueue>,
     pub http: Arc<Http>,
     lcs_calls: Mutex<HashMap<String, VecDeque<Instant>>>,
+    /// Power Platform token sources by environment, kept across polls so a token is reused
+    /// until it expires (rebuilt when the secret changes).
+    pp_tokens: Mutex<HashMap<String, (Secret, Arc<EntraTokens>)>>,
 }
 
 /// Reads a time LCS or Power Platform wrote: RFC 3339, or a UTC date-time without offset.
@@ -86,6 +89,7 @@ impl Watcher {
             queue,
             http,
             lcs_calls: Mutex::new(HashMap::new()),
+            pp_tokens: Mutex::new(HashMap::new()),
         }
     }
 
@@ -285,13 +289,23 @@ impl Watcher {
         let secret = env.client_secret.clone().ok_or_else(|| {
             Error::Config(format!("the client secret of `{}` is not resolved", env.id))
         })?;
-        let tokens = EntraTokens::new(
-            self.http.clone(),
-            &env.authority,
-            &env.tenant_id,
-            &env.client_id,
-            secret,
-        );
+        let tokens = {
+            let mut cache = self.pp_tokens.lock().await;
+            match cache.get(&env.id) {
+                Some((cached, tokens)) if *cached == secret => tokens.clone(),
+                _ => {
+                    let tokens = Arc::new(EntraTokens::new(
+                        self.http.clone(),
+                        &env.authority,
+                        &env.tenant_id,
+                        &env.client_id,
+                        secret.clone(),
+                    ));
+                    cache.insert(env.id.clone(), (secret, tokens.clone()));
+                    tokens
+                }
+            }
+        };
         let scope = EnvConfig::scope_for(api);
         let mut url = join(
             api,
@@ -309,7 +323,7 @@ impl Watcher {
             .http
             .send(
                 POWER_PLATFORM,
-                Some((&tokens as &dyn TokenSource, &scope)),
+                Some((tokens.as_ref() as &dyn TokenSource, &scope)),
                 &build,
             )
             .await?;
