@@ -13,12 +13,15 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 local_aws_start
+# The reliability suite writes one report per scenario here; docs/RELIABILITY.md must match them.
+rm -rf target/reliability
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
   cargo test --workspace --locked --doc
 else
   cargo test --workspace --locked --no-fail-fast
 fi
+cargo run --quiet --locked -p relink-bench -- reliability --check
 
 bash infra/scripts/lint-template.sh
 bash infra/scripts/build-functions.sh

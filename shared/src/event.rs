@@ -63,6 +63,12 @@ impl StageEvent {
                 body.len()
             )));
         }
+        if body.trim_start().starts_with('[') {
+            // serde would read an array positionally, field by field: refuse it outright.
+            return Err(Error::BadEvent(
+                "the body is a JSON array; an event is a JSON object".into(),
+            ));
+        }
         let de = &mut serde_json::Deserializer::from_str(body);
         let ev: StageEvent = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();

@@ -96,10 +96,14 @@ pub async fn handle_batch(
 pub async fn handle_record(deps: &FunctionDeps, ctx: &Context, record: &SqsMessage) -> Disposition {
     let message_id = record.message_id.clone().unwrap_or_default();
     let body = record.body.as_deref().unwrap_or_default();
-    let event = match StageEvent::parse(body) {
+    let mut event = match StageEvent::parse(body) {
         Ok(ev) => ev,
         Err(e) => return reject(deps, &message_id, body.len(), &e, None).await,
     };
+    if event.run_id.is_none() {
+        // Every delivery of one message must be the same run, not a new one each time.
+        event.run_id = run_id_for_message(record);
+    }
     let span = tracing::Span::current();
     span.record("environment_id", event.environment_id.as_str());
     if let Some(r) = &event.run_id {
@@ -144,6 +148,20 @@ pub async fn handle_record(deps: &FunctionDeps, ctx: &Context, record: &SqsMessa
         }
         Err(e) => reject(deps, &message_id, body.len(), &e, Some(&event)).await,
     }
+}
+
+/// The run a message without `run_id` starts: a ULID from the message's `SentTimestamp` and a
+/// hash of its message id, so a redelivered message (at-least-once, or a visibility timeout
+/// that lapsed mid-batch) finds the run its first delivery created instead of minting another.
+/// `None` (a fresh id) if SQS did not say when the message was sent.
+fn run_id_for_message(record: &SqsMessage) -> Option<String> {
+    use sha2::Digest;
+    let sent: u64 = record.attributes.get("SentTimestamp")?.parse().ok()?;
+    let digest = sha2::Sha256::digest(record.message_id.as_deref()?.as_bytes());
+    let random = digest[..10]
+        .iter()
+        .fold(0u128, |acc, b| (acc << 8) | u128::from(*b));
+    Some(ulid::Ulid::from_parts(sent, random).to_string())
 }
 
 /// Records a permanent failure so the message can be acknowledged without being lost.
@@ -334,6 +352,21 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(run.stage(Stage::DetectMismatch).attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn a_redelivered_message_without_run_id_is_the_same_run() {
+        let h = harness(Stage::DetectMismatch, false);
+        let mut event = fixture("stale");
+        event.payload.records[0].body = Some(r#"{"environment_id":"uat"}"#.into());
+        handle_batch(&h.deps, event.clone()).await.unwrap();
+        handle_batch(&h.deps, event).await.unwrap();
+        let runs = h.store.recent_runs(10).await.unwrap();
+        assert_eq!(runs.len(), 1, "{runs:?}");
+        assert_eq!(runs[0].stage(Stage::DetectMismatch).attempts, 1);
+        // The id sorts by the message's SentTimestamp.
+        let id = ulid::Ulid::from_string(&runs[0].run_id).unwrap();
+        assert_eq!(id.timestamp_ms(), 1_764_133_200_000);
     }
 
     #[tokio::test]

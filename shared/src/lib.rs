@@ -6,6 +6,7 @@
 pub mod aws;
 pub mod error;
 pub mod event;
+pub mod failpoint;
 #[cfg(test)]
 mod fakes;
 pub mod http;

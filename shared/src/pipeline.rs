@@ -356,6 +356,7 @@ impl Engine<'_> {
             run.instructions = None;
         }
         let run = self.store.update_run(&run).await?;
+        crate::failpoint::point("stage-recorded", stage);
         self.sink.emit(Progress::StageFinished {
             stage,
             status: format!("{:?}", report.status).to_lowercase(),
@@ -376,6 +377,7 @@ impl Engine<'_> {
                     options: run.options,
                 };
                 self.queue.send(&ev).await?;
+                crate::failpoint::point("next-sent", stage);
                 Some(ev)
             }
             None => {

@@ -248,6 +248,8 @@ pub fn join(base: &Url, rel: &str) -> Url {
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
     environments: BTreeMap<String, EnvConfig>,
+    /// Table entries that failed validation, with the reason: only their own events are refused.
+    invalid: BTreeMap<String, String>,
 }
 
 impl Registry {
@@ -272,28 +274,36 @@ impl Registry {
                 .map_err(|e| Error::Config(format!("[environments.{id}]: {}", strip_prefix(e))))?;
             environments.insert(id, cfg);
         }
-        Ok(Registry { environments })
+        Ok(Registry {
+            environments,
+            invalid: BTreeMap::new(),
+        })
     }
 
     /// Builds a registry from entries stored one by one (the AWS table holds each entry as the
-    /// JSON form of its `[environments.ID]` table).
+    /// JSON form of its `[environments.ID]` table). An entry that fails validation (written by
+    /// hand, or by an older relink) is kept aside with its reason: events for it are refused
+    /// with that reason, and every other environment keeps working.
     pub fn from_entries(
         entries: &[(String, serde_json::Value)],
         lookup: impl Fn(&str) -> Option<String>,
-    ) -> Result<Registry> {
-        let mut environments = BTreeMap::new();
+    ) -> Registry {
+        let mut registry = Registry::default();
         for (id, value) in entries {
-            let raw: RawEnv = serde_json::from_value(value.clone())
-                .map_err(|e| Error::Config(format!("registry entry `{id}` in the table: {e}")))?;
-            let cfg = validate(id, raw, &lookup).map_err(|e| {
-                Error::Config(format!(
-                    "registry entry `{id}` in the table: {}",
-                    strip_prefix(e)
-                ))
-            })?;
-            environments.insert(id.clone(), cfg);
+            let cfg = serde_json::from_value::<RawEnv>(value.clone())
+                .map_err(|e| e.to_string())
+                .and_then(|raw| validate(id, raw, &lookup).map_err(strip_prefix));
+            match cfg {
+                Ok(cfg) => {
+                    registry.environments.insert(id.clone(), cfg);
+                }
+                Err(reason) => {
+                    tracing::error!(environment_id = %id, error = %reason, "invalid registry entry in the table");
+                    registry.invalid.insert(id.clone(), reason);
+                }
+            }
         }
-        Ok(Registry { environments })
+        registry
     }
 
     /// The `[environments.ID]` table of a registry file as JSON, validated, for storing in AWS.
@@ -346,6 +356,11 @@ impl Registry {
 
     /// The entry for an environment, or [`Error::UnknownEnvironment`].
     pub fn get(&self, id: &str) -> Result<&EnvConfig> {
+        if let Some(reason) = self.invalid.get(id) {
+            return Err(Error::Config(format!(
+                "registry entry `{id}` in the table is invalid: {reason}; fix [environments.{id}] and run relink env push {id}"
+            )));
+        }
         self.environments
             .get(id)
             .ok_or_else(|| Error::UnknownEnvironment(id.to_string()))
@@ -657,11 +672,27 @@ reset = { mode = "manual" }
     fn entries_round_trip_through_json() {
         let json = Registry::entry_json(GOOD, "contoso-uat").unwrap();
         assert_eq!(json["client_secret"]["env"], "CONTOSO_UAT_SECRET");
-        let reg = Registry::from_entries(&[("contoso-uat".into(), json)], lookup).unwrap();
+        let reg = Registry::from_entries(&[("contoso-uat".into(), json)], lookup);
         assert_eq!(
             reg.get("contoso-uat").unwrap().dataverse_unique_name,
             "org6459f7a8"
         );
+    }
+
+    #[test]
+    fn an_invalid_table_entry_refuses_only_its_own_environment() {
+        let good = Registry::entry_json(GOOD, "contoso-uat").unwrap();
+        let mut bad = good.clone();
+        bad["dataverse_url"] = "http://dynamics.example.com".into();
+        bad["allow_insecure_http"] = true.into();
+        let reg = Registry::from_entries(
+            &[("contoso-uat".into(), good), ("hand-written".into(), bad)],
+            lookup,
+        );
+        assert!(reg.get("contoso-uat").is_ok());
+        let e = reg.get("hand-written").unwrap_err();
+        assert!(matches!(e, Error::Config(_)), "{e}");
+        assert!(e.to_string().contains("plain http"), "{e}");
     }
 
     #[test]

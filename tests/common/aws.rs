@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use relink_shared::model::Stage;
 
-use super::{ENV, Out, Spec, World};
+use super::{Out, Spec, World};
 
 /// Stage queues' visibility timeout in these tests: short, so redeliveries come quickly.
 pub const VISIBILITY_SECS: u64 = 3;
@@ -56,7 +56,9 @@ impl AwsWorld {
             ])
             .await;
         assert_eq!(out.code, 0, "{out:?}");
-        let out = aws.relink(&["env", "push", ENV]).await;
+        let mut push = vec!["env", "push"];
+        push.extend(aws.w.envs.iter().map(String::as_str));
+        let out = aws.relink(&push).await;
         assert_eq!(out.code, 0, "{out:?}");
         aws
     }
@@ -92,12 +94,45 @@ impl AwsWorld {
         self.command(&args)
     }
 
-    /// Starts a worker in the background (its logs discarded: a full pipe would stall it).
-    pub fn worker(&self, extra: &[&str]) -> tokio::process::Child {
+    /// Starts a worker in the background, its output going to a log file of the world's
+    /// directory (searched for secrets by the scenario checks), with extra environment variables.
+    pub fn worker_with(&self, extra: &[&str], vars: &[(&str, &str)]) -> tokio::process::Child {
         let mut cmd = self.worker_command(extra);
-        cmd.stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
+        let log = self.w.dir.join(format!("worker-{}.log", ulid::Ulid::new()));
+        let file = std::fs::File::create(&log).expect("worker log");
+        cmd.stdout(file.try_clone().unwrap()).stderr(file);
+        cmd.envs(vars.iter().copied());
         cmd.spawn().expect("worker starts")
+    }
+
+    pub fn worker(&self, extra: &[&str]) -> tokio::process::Child {
+        self.worker_with(extra, &[])
+    }
+
+    /// Starts a worker armed with a failpoint, waits until it has stopped itself there and
+    /// SIGKILLs it.
+    pub async fn kill_worker_at(&self, failpoint: &str) {
+        let mut worker = self.worker_with(&[], &[("RELINK_FAILPOINT", failpoint)]);
+        let stat = format!("/proc/{}/stat", worker.id().unwrap());
+        let stopped = || {
+            std::fs::read_to_string(&stat)
+                .ok()
+                .and_then(|s| Some(s.rsplit_once(')')?.1.trim_start().starts_with('T')))
+                .unwrap_or(false)
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        while !stopped() {
+            if let Ok(Some(status)) = worker.try_wait() {
+                panic!("the worker exited ({status}) before reaching {failpoint}");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the worker never reached {failpoint}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        worker.start_kill().unwrap(); // SIGKILL
+        worker.wait().await.unwrap();
     }
 
     /// Runs a worker to its idle exit and returns its output.
@@ -169,6 +204,36 @@ impl AwsWorld {
                 assert_eq!(self.depth(&name).await, 0, "{name} is not empty");
             }
         }
+    }
+
+    /// `relink inject ENV --json`: the run id.
+    pub async fn inject(&self, env: &str) -> String {
+        let out = self.relink(&["inject", env, "--json"]).await;
+        assert_eq!(out.code, 0, "{out:?}");
+        out.json()["run_id"].as_str().unwrap().to_string()
+    }
+
+    /// The table, through the store the functions use.
+    pub async fn store(&self) -> relink_shared::aws::dynamo::DynamoStore {
+        let config = relink_shared::aws::sdk_config().await;
+        relink_shared::aws::dynamo::DynamoStore::new(
+            aws_sdk_dynamodb::Client::new(&config),
+            &self.table,
+        )
+    }
+
+    /// Messages left in every stage queue and dead-letter queue.
+    pub async fn queued(&self) -> usize {
+        let mut n = 0;
+        for stage in Stage::ALL {
+            n += self
+                .depth(&format!("{}{}", self.prefix, stage.as_str()))
+                .await;
+            n += self
+                .depth(&format!("{}{}-dlq", self.prefix, stage.as_str()))
+                .await;
+        }
+        n
     }
 
     pub async fn status_json(&self, args: &[&str]) -> serde_json::Value {

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod aws;
+pub mod scenario;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,6 +32,10 @@ pub struct Spec {
     /// The organisation `dataverse_url` points at (default: the UAT one, which is right).
     pub dataverse_org: &'static str,
     pub kind: &'static str,
+    /// More stale environments besides ENV: `fan-001`..., each with its own Dataverse
+    /// organisation of `extra_rows` runtime configurations and `extra_rows / 4` F&O keys.
+    pub extra_envs: usize,
+    pub extra_rows: usize,
 }
 
 impl Default for Spec {
@@ -45,6 +50,8 @@ impl Default for Spec {
             registry_extra: String::new(),
             dataverse_org: "uat",
             kind: "uat",
+            extra_envs: 0,
+            extra_rows: 20,
         }
     }
 }
@@ -55,6 +62,16 @@ pub struct World {
     pub config: PathBuf,
     pub store: PathBuf,
     pub secret: String,
+    /// Every environment of the registry: ENV first, then the extra ones.
+    pub envs: Vec<String>,
+    /// Everything the processes of this world printed, to search for secrets.
+    pub captured: std::sync::Mutex<String>,
+}
+
+/// The name of the i-th extra environment (also its F&O environment and, without the dash, its
+/// Dataverse organisation).
+pub fn extra_env(i: usize) -> String {
+    format!("fan-{i:03}")
 }
 
 /// Output of one `relink` invocation.
@@ -93,39 +110,63 @@ impl World {
             .await
             .expect("simulator starts");
         let secret = format!("test-secret-{}", ulid::Ulid::new());
+        let extra: Vec<String> = (1..=spec.extra_envs).map(extra_env).collect();
+        let mut organizations = vec![
+            OrgSeed {
+                name: "prod".into(),
+                unique_name: "orgcontosoprod".into(),
+                organization_id: None,
+                friendly_name: None,
+                integrated_fno: None,
+                runtime_configs: spec.prod_rows,
+            },
+            OrgSeed {
+                name: "uat".into(),
+                unique_name: "orgcontosouat".into(),
+                organization_id: None,
+                friendly_name: None,
+                integrated_fno: Some(ENV.into()),
+                runtime_configs: spec.uat_rows,
+            },
+        ];
+        let mut fno_environments = vec![FnoSeed {
+            name: ENV.into(),
+            linked_organization: "uat".into(),
+            points_at: Some("prod".into()),
+            project_configs: spec.project_configs,
+            field_configs: spec.field_configs,
+            business_events: spec.business_events,
+            purge_service_path: spec.purge_service.then(|| PURGE_PATH.into()),
+            reset_project_configs: None,
+        }];
+        for e in &extra {
+            let org = e.replace('-', "");
+            organizations.push(OrgSeed {
+                name: org.clone(),
+                unique_name: format!("org{org}"),
+                organization_id: None,
+                friendly_name: None,
+                integrated_fno: Some(e.clone()),
+                runtime_configs: spec.extra_rows,
+            });
+            fno_environments.push(FnoSeed {
+                name: e.clone(),
+                linked_organization: org,
+                points_at: Some("prod".into()),
+                project_configs: spec.extra_rows / 4,
+                field_configs: 0,
+                business_events: 0,
+                purge_service_path: None,
+                reset_project_configs: None,
+            });
+        }
         sim.seed(&Seed {
             apps: vec![AppSeed {
                 client_id: CLIENT.into(),
                 client_secret: secret.clone(),
             }],
-            organizations: vec![
-                OrgSeed {
-                    name: "prod".into(),
-                    unique_name: "orgcontosoprod".into(),
-                    organization_id: None,
-                    friendly_name: None,
-                    integrated_fno: None,
-                    runtime_configs: spec.prod_rows,
-                },
-                OrgSeed {
-                    name: "uat".into(),
-                    unique_name: "orgcontosouat".into(),
-                    organization_id: None,
-                    friendly_name: None,
-                    integrated_fno: Some(ENV.into()),
-                    runtime_configs: spec.uat_rows,
-                },
-            ],
-            fno_environments: vec![FnoSeed {
-                name: ENV.into(),
-                linked_organization: "uat".into(),
-                points_at: Some("prod".into()),
-                project_configs: spec.project_configs,
-                field_configs: spec.field_configs,
-                business_events: spec.business_events,
-                purge_service_path: spec.purge_service.then(|| PURGE_PATH.into()),
-                reset_project_configs: None,
-            }],
+            organizations,
+            fno_environments,
             ..Seed::default()
         })
         .expect("seed");
@@ -138,26 +179,41 @@ impl World {
         } else {
             String::new()
         };
-        std::fs::write(
-            &config,
+        let section = |env: &str, kind: &str, dv: &str, unique: &str, more: &str| {
             format!(
-                "[environments.{ENV}]\nkind = \"{kind}\"\nfno_url = \"{fno}\"\ndataverse_url = \"{dv}\"\ndataverse_unique_name = \"orgcontosouat\"\n\
+                "[environments.{env}]\nkind = \"{kind}\"\nfno_url = \"{fno}\"\ndataverse_url = \"{dv}\"\ndataverse_unique_name = \"{unique}\"\n\
                  tenant_id = \"contoso.onmicrosoft.com\"\nclient_id = \"{CLIENT}\"\nclient_secret = {{ env = \"{SECRET_VAR}\" }}\n\
-                 authority = \"{auth}\"\nallow_insecure_http = true\n{purge}{extra}\n",
-                kind = spec.kind,
-                fno = sim.fno_url(ENV),
-                dv = sim.dataverse_url(spec.dataverse_org),
+                 authority = \"{auth}\"\nallow_insecure_http = true\n{more}\n",
+                fno = sim.fno_url(env),
+                dv = sim.dataverse_url(dv),
                 auth = sim.authority(),
-                extra = spec.registry_extra.replace("{sim}", sim.base_url()),
+            )
+        };
+        let mut text = section(
+            ENV,
+            spec.kind,
+            spec.dataverse_org,
+            "orgcontosouat",
+            &format!(
+                "{purge}{}",
+                spec.registry_extra.replace("{sim}", sim.base_url())
             ),
-        )
-        .expect("registry");
+        );
+        for e in &extra {
+            let org = e.replace('-', "");
+            text.push_str(&section(e, "uat", &org, &format!("org{org}"), ""));
+        }
+        std::fs::write(&config, text).expect("registry");
+        let mut envs = vec![ENV.to_string()];
+        envs.extend(extra);
         World {
             sim,
             dir,
             config,
             store,
             secret,
+            envs,
+            captured: Default::default(),
         }
     }
 
@@ -191,6 +247,11 @@ impl World {
             stdout: String::from_utf8_lossy(&out.stdout).into(),
             stderr: String::from_utf8_lossy(&out.stderr).into(),
         };
+        {
+            let mut all = self.captured.lock().unwrap();
+            all.push_str(&out.stdout);
+            all.push_str(&out.stderr);
+        }
         assert!(
             !out.stdout.contains(&self.secret) && !out.stderr.contains(&self.secret),
             "the client secret leaked:\n{out:?}"

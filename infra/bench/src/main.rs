@@ -4,6 +4,11 @@
 //! in child processes so each has its own peak RSS: once through relink's clear stage (paged
 //! reads, archive, `$batch` deletes of 1,000 with bounded concurrency), once with a naive loop
 //! of one `DELETE` per row. The simulator adds a fixed latency to every request.
+//!
+//! `cargo run -p relink-bench -- reliability [--check]` writes (or checks) docs/RELIABILITY.md
+//! from the reliability suite's reports.
+
+mod reliability;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -47,6 +52,17 @@ enum Cmd {
         #[arg(long, default_value = "docs/BENCHMARKS.md")]
         out: PathBuf,
     },
+    /// Write docs/RELIABILITY.md from the reliability suite's reports (or check it matches them).
+    Reliability {
+        /// Where the suite wrote its reports.
+        #[arg(long, default_value = "target/reliability")]
+        reports: PathBuf,
+        #[arg(long, default_value = "docs/RELIABILITY.md")]
+        out: PathBuf,
+        /// Fail if the page differs from the reports instead of writing it.
+        #[arg(long)]
+        check: bool,
+    },
     /// (internal) One measured client run, in its own process.
     Child {
         #[arg(long)]
@@ -71,6 +87,14 @@ struct Figures {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Cmd::Reliability {
+        reports,
+        out,
+        check,
+    } = &cli.command
+    {
+        return reliability::run(reports, out, *check);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -91,6 +115,7 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string(&f)?);
             Ok(())
         }
+        Cmd::Reliability { .. } => unreachable!("handled above"),
     }
 }
 

@@ -76,26 +76,29 @@ impl Aws {
         Ok(crate::exit::OK)
     }
 
-    /// `relink env push ENV`: stores a registry entry from the local file in the table.
-    pub async fn env_push(&self, config: &Path, env: &str, allow_env_secret: bool) -> Result<u8> {
+    /// `relink env push ENV...`: stores registry entries from the local file in the table. Every
+    /// entry is checked before the first is stored, so a bad one stores none.
+    pub async fn env_push(
+        &self,
+        config: &Path,
+        envs: &[String],
+        allow_env_secret: bool,
+    ) -> Result<u8> {
         let text = std::fs::read_to_string(config).map_err(|e| {
             Error::Config(format!("cannot read registry {}: {e}", config.display()))
         })?;
-        let entry = Registry::entry_json(&text, env).map_err(|e| match e {
-            Error::UnknownEnvironment(_) => Error::Config(format!(
-                "{} has no [environments.{env}] section",
-                config.display()
-            )),
-            other => other,
-        })?;
         let parsed = Registry::parse(&text, |_| Some("unused".into()))?;
-        if matches!(parsed.get(env)?.secret_source, SecretSource::Env(_)) && !allow_env_secret {
-            return Err(Error::Config(format!(
-                "`client_secret` of {env} names an environment variable; in AWS, give a Secrets Manager ARN: client_secret = {{ secret_arn = \"arn:aws:secretsmanager:...\" }} (or pass --allow-env-secret for a local stack)"
-            )));
+        let mut entries = Vec::new();
+        for env in envs {
+            entries.push((
+                env,
+                checked_entry(&text, &parsed, config, env, allow_env_secret)?,
+            ));
         }
-        self.store.put_entry(env, &entry).await?;
-        println!("stored registry entry {env} in {}", self.store.table());
+        for (env, entry) in entries {
+            self.store.put_entry(env, &entry).await?;
+            println!("stored registry entry {env} in {}", self.store.table());
+        }
         Ok(crate::exit::OK)
     }
 
@@ -447,4 +450,27 @@ fn to_lambda_record(m: &aws_sdk_sqs::types::Message) -> SqsMessage {
         })
         .unwrap_or_default();
     r
+}
+
+/// One registry entry as stored in the table, refused if its secret could not be read in AWS.
+fn checked_entry(
+    text: &str,
+    parsed: &Registry,
+    config: &Path,
+    env: &str,
+    allow_env_secret: bool,
+) -> Result<serde_json::Value> {
+    let entry = Registry::entry_json(text, env).map_err(|e| match e {
+        Error::UnknownEnvironment(_) => Error::Config(format!(
+            "{} has no [environments.{env}] section",
+            config.display()
+        )),
+        other => other,
+    })?;
+    if matches!(parsed.get(env)?.secret_source, SecretSource::Env(_)) && !allow_env_secret {
+        return Err(Error::Config(format!(
+            "`client_secret` of {env} names an environment variable; in AWS, give a Secrets Manager ARN: client_secret = {{ secret_arn = \"arn:aws:secretsmanager:...\" }} (or pass --allow-env-secret for a local stack)"
+        )));
+    }
+    Ok(entry)
 }

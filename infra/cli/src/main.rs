@@ -177,9 +177,10 @@ enum Command {
 
 #[derive(Subcommand)]
 enum EnvCommand {
-    /// Store the [environments.ENV] entry of --config in the table (secrets as ARNs).
+    /// Store the [environments.ENV] entries of --config in the table (secrets as ARNs).
     Push {
-        env: String,
+        #[arg(required = true, value_name = "ENV")]
+        envs: Vec<String>,
         /// Accept `client_secret = { env = ... }` (local stacks only: the functions would need the variable).
         #[arg(long)]
         allow_env_secret: bool,
@@ -310,9 +311,9 @@ async fn aws_dispatch(
             .await
         }
         Command::Env(EnvCommand::Push {
-            env,
+            envs,
             allow_env_secret,
-        }) => aws.env_push(config, &env, allow_env_secret).await,
+        }) => aws.env_push(config, &envs, allow_env_secret).await,
         Command::Env(EnvCommand::List { json }) => aws.env_list(json).await,
         Command::Watch { json } => aws.watch(json).await,
         Command::LocalStack(LocalStackCommand::Create { visibility_secs }) => {

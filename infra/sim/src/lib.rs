@@ -203,6 +203,18 @@ pub struct Faults {
     pub lcs_throttle_next: u32,
     /// LCS answers `IsSuccess: false` (an outage of the source).
     pub lcs_failing: bool,
+    /// Bursts of 5xx: after every `burst_5xx_every` Dataverse / F&O requests answered, the next
+    /// `burst_5xx_len` are answered 503 (0: no bursts).
+    pub burst_5xx_every: u32,
+    pub burst_5xx_len: u32,
+    /// The token endpoint answers 503 `temporarily_unavailable` for this long after the faults are set.
+    pub token_outage_ms: u64,
+    /// Tokens stop being accepted this many seconds after issue, whatever `expires_in` said (a
+    /// token that expires or is revoked mid-run).
+    pub tokens_revoked_after_secs: Option<u64>,
+    /// The next Dataverse `$batch` of more operations than this applies only its first this-many
+    /// operations and then never answers (a crash in the middle of a delete batch). One-shot.
+    pub stall_batch_after_ops: Option<usize>,
 }
 
 impl Default for Faults {
@@ -218,6 +230,11 @@ impl Default for Faults {
             rng_seed: None,
             lcs_throttle_next: 0,
             lcs_failing: false,
+            burst_5xx_every: 0,
+            burst_5xx_len: 0,
+            token_outage_ms: 0,
+            tokens_revoked_after_secs: None,
+            stall_batch_after_ops: None,
         }
     }
 }
@@ -258,6 +275,12 @@ pub struct Snapshot {
     pub deleted_twice: Vec<String>,
     /// Largest number of requests in flight at once.
     pub max_in_flight: usize,
+    /// Requests answered 401 (missing, expired, revoked or wrong-audience tokens).
+    pub unauthorized: usize,
+    /// Token requests answered 503 during an injected outage.
+    pub token_outage_answers: usize,
+    /// `$batch` requests stalled part-way by `stall_batch_after_ops`.
+    pub stalled_batches: usize,
 }
 
 struct Org {
@@ -306,12 +329,31 @@ struct SimState {
     lcs_history: HashMap<(String, String), Vec<Value>>,
     lcs_calls: HashMap<String, VecDeque<Instant>>,
     power_platform: HashMap<String, Vec<Value>>,
+    faults_set_at: Option<Instant>,
+    /// Dataverse / F&O requests that reached the burst decision since the faults were set.
+    burst_position: u64,
 }
 
 impl SimState {
     fn set_faults(&mut self, faults: Faults) {
         self.rng = faults.rng_seed.map(rand::SeedableRng::seed_from_u64);
         self.faults = faults;
+        self.faults_set_at = Some(Instant::now());
+        self.burst_position = 0;
+    }
+
+    /// Whether the next Dataverse / F&O request falls in an injected burst of 5xx.
+    fn in_burst(&mut self) -> bool {
+        let (every, len) = (
+            self.faults.burst_5xx_every as u64,
+            self.faults.burst_5xx_len as u64,
+        );
+        if every == 0 || len == 0 {
+            return false;
+        }
+        let pos = self.burst_position;
+        self.burst_position += 1;
+        pos % (every + len) >= every
     }
 
     /// A die roll in [0, 1).
@@ -391,6 +433,10 @@ impl Sim {
     /// Counters and table sizes.
     pub fn snapshot(&self) -> Snapshot {
         snapshot(&self.shared)
+    }
+    /// Every access token issued so far (to search logs for leaks).
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.shared.lock().tokens.keys().cloned().collect()
     }
     /// Every request so far.
     pub fn log(&self) -> Vec<LogEntry> {
@@ -787,6 +833,15 @@ fn token(shared: &Shared, tenant: &str, body: &[u8]) -> Response {
     };
     let mut st = shared.lock();
     st.snapshot.token_requests += 1;
+    let outage = Duration::from_millis(st.faults.token_outage_ms);
+    if st.faults_set_at.is_some_and(|t| t.elapsed() < outage) {
+        st.snapshot.token_outage_answers += 1;
+        return entra_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            "AADSTS90033: A transient error has occurred. Please try again.",
+        );
+    }
     if get("grant_type").as_deref() != Some("client_credentials") {
         return entra_error(
             StatusCode::BAD_REQUEST,
@@ -832,12 +887,16 @@ fn token(shared: &Shared, tenant: &str, body: &[u8]) -> Response {
         );
     };
     let lifetime = st.faults.token_lifetime_secs;
+    let accepted_for = st
+        .faults
+        .tokens_revoked_after_secs
+        .map_or(lifetime, |r| r.min(lifetime));
     let access = format!("simtok-{}", uuid::Uuid::new_v4().simple());
     st.tokens.insert(
         access.clone(),
         Token {
             audience: audience.to_ascii_lowercase(),
-            expires: Instant::now() + Duration::from_secs(lifetime),
+            expires: Instant::now() + Duration::from_secs(accepted_for),
             client_id,
         },
     );
@@ -947,6 +1006,7 @@ async fn service(
         }
     };
     if let Some(msg) = auth_error {
+        shared.lock().snapshot.unauthorized += 1;
         log(shared, 401, None);
         let mut r = odata_error(StatusCode::UNAUTHORIZED, "0x80072182", msg);
         r.headers_mut().insert(
@@ -963,7 +1023,7 @@ async fn service(
         let faults = st.faults.clone();
         let verdict = if faults.rate_429 > 0.0 && st.roll() < faults.rate_429 {
             Some((429, faults.retry_after_secs))
-        } else if faults.rate_5xx > 0.0 && st.roll() < faults.rate_5xx {
+        } else if (faults.rate_5xx > 0.0 && st.roll() < faults.rate_5xx) || st.in_burst() {
             Some((503, 0))
         } else if let (Svc::Dataverse, Some(p)) = (svc, faults.protection) {
             protection_verdict(&mut st, &window_key, &p, arrived)
@@ -1009,6 +1069,22 @@ async fn service(
     if !work.is_zero() {
         tokio::time::sleep(work).await;
     }
+    let mut batch_ops = batch_ops;
+    let stall = match (&mut batch_ops, svc) {
+        (Some(Ok(list)), Svc::Dataverse) => {
+            let mut st = shared.lock();
+            match st.faults.stall_batch_after_ops {
+                Some(k) if list.len() > k => {
+                    st.faults.stall_batch_after_ops = None;
+                    st.snapshot.stalled_batches += 1;
+                    list.truncate(k);
+                    true
+                }
+                _ => false,
+            }
+        }
+        _ => false,
+    };
     let resp = {
         let mut st = shared.lock();
         let resp = match svc {
@@ -1040,6 +1116,10 @@ async fn service(
         w.done.push_back((Instant::now(), work.as_millis() as u64));
         resp
     };
+    if stall {
+        // The first operations are applied; the answer never comes (the caller is killed).
+        std::future::pending::<()>().await;
+    }
     let mut resp = resp;
     if let (Svc::Dataverse, Some(p)) = (svc, faults.protection) {
         pacing_headers(

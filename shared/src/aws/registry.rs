@@ -43,7 +43,7 @@ impl RegistrySource for TableRegistry {
             return Ok(r.clone());
         }
         let entries = self.store.entries().await?;
-        let mut registry = Registry::from_entries(&entries, |name| std::env::var(name).ok())?;
+        let mut registry = Registry::from_entries(&entries, |name| std::env::var(name).ok());
         self.secrets.resolve(&mut registry).await?;
         let registry = Arc::new(registry);
         *cache = Some((registry.clone(), Instant::now()));

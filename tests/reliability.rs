@@ -1,0 +1,942 @@
+//! The reliability suite: faults and hostile input driven through the whole pipeline (real SQS and
+//! DynamoDB on the local stack, `relink worker` processes, the simulators over HTTP). Every
+//! scenario checks every side through `AwsWorld::conclude` (rows, archives, run records, queues
+//! and dead-letter queues, secrets in any output) and writes the row of docs/RELIABILITY.md it
+//! stands for; `cargo run -p relink-bench -- reliability` turns the rows into the page.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::aws::AwsWorld;
+use common::scenario::{Scenario, retries_waited};
+use common::{ENV, Spec, stage};
+use relink_shared::model::{RunStatus, Stage};
+use relink_shared::ports::ProgressStore;
+use relink_sim::Faults;
+
+/// Rows of the stale environments of a spec: Dataverse runtime configurations and F&O keys.
+fn stale_rows(spec: &Spec) -> usize {
+    spec.uat_rows
+        + spec.project_configs
+        + spec.field_configs
+        + spec.business_events
+        + spec.extra_envs * (spec.extra_rows + spec.extra_rows / 4)
+}
+
+/// Each stage's `attempts`, in stage order.
+fn attempts(run: &serde_json::Value) -> Vec<u64> {
+    run["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["attempts"].as_u64().unwrap())
+        .collect()
+}
+
+/// A world whose environments are stale, with the spec's expected row count.
+async fn world(spec: Spec) -> (AwsWorld, usize) {
+    let rows = stale_rows(&spec);
+    (AwsWorld::new(spec).await, rows)
+}
+
+fn awaiting(run_id: &str) -> Vec<(String, RunStatus)> {
+    vec![(run_id.to_string(), RunStatus::AwaitingConfirmation)]
+}
+
+/// Waits for a background worker to reach its idle exit.
+async fn wait_exit(mut worker: tokio::process::Child) {
+    let status = tokio::time::timeout(Duration::from_secs(300), worker.wait())
+        .await
+        .expect("the worker goes idle within 5 minutes")
+        .unwrap();
+    assert!(status.success(), "worker exited with {status}");
+}
+
+/// The run of each environment, from the table.
+async fn runs_by_env(a: &AwsWorld) -> HashMap<String, String> {
+    let runs = a.store().await.recent_runs(10_000).await.unwrap();
+    let mut by_env = HashMap::new();
+    for r in runs {
+        assert!(
+            by_env
+                .insert(r.environment_id.clone(), r.run_id.clone())
+                .is_none(),
+            "two runs for {}",
+            r.environment_id
+        );
+    }
+    by_env
+}
+
+#[tokio::test]
+async fn s01_every_message_delivered_twice() {
+    let (a, rows) = world(Spec {
+        uat_rows: 3000,
+        project_configs: 20,
+        ..Spec::default()
+    })
+    .await;
+    let run_id = a.inject(ENV).await;
+    let worker = a.drain(&["--deliver-twice"]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    let run = a.status_json(&["--run", &run_id]).await;
+    assert_eq!(attempts(&run), [1, 1, 1, 1], "{run}");
+    a.conclude(
+        Scenario {
+            id: "01-delivered-twice",
+            title: "Every message delivered twice",
+            injected: "every SQS batch handed to the handler twice, concurrently (`relink worker --deliver-twice`)",
+            runs: awaiting(&run_id),
+            rows_expected: rows,
+            also_secret: vec![],
+        },
+        "each stage's side effects ran once (attempts 1, 1, 1, 1)",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s02_messages_out_of_order() {
+    let (a, rows) = world(Spec {
+        uat_rows: 3000,
+        registry_extra: "limits = { dataverse_batch_size = 250, dataverse_concurrency = 1 }".into(),
+        ..Spec::default()
+    })
+    .await;
+    a.w.sim.set_faults(Faults {
+        per_op_latency_ms: 2,
+        ..Faults::default()
+    });
+    let run_id = a.inject(ENV).await;
+    let worker = a.worker(&[]);
+    common::wait_for_deletes(&a.w.sim, "uat", 250).await;
+    // While clear-dataverse-configs runs: the last stage's event (early) and purge-keys' (late).
+    for s in [Stage::ResetLink, Stage::PurgeKeys] {
+        a.send_raw(
+            s,
+            &format!(
+                r#"{{"environment_id":"{ENV}","run_id":"{run_id}","stage":"{}"}}"#,
+                s.as_str()
+            ),
+        )
+        .await;
+    }
+    wait_exit(worker).await;
+    let run = a.status_json(&["--run", &run_id]).await;
+    assert_eq!(attempts(&run), [1, 1, 1, 1], "{run}");
+    let ts = |s: &str, field: &str| {
+        stage(&run, s)[field]
+            .as_str()
+            .unwrap()
+            .parse::<jiff::Timestamp>()
+            .unwrap()
+    };
+    assert!(
+        ts("reset-link", "started_at") >= ts("clear-dataverse-configs", "finished_at"),
+        "reset-link started before clear-dataverse-configs finished: {run}"
+    );
+    assert!(
+        a.logs()
+            .contains("arrived before clear-dataverse-configs finished"),
+        "the early event was seen and held back"
+    );
+    a.conclude(
+        Scenario {
+            id: "02-out-of-order",
+            title: "Messages out of order",
+            injected: "reset-link's event sent while clear-dataverse-configs was still deleting; purge-keys' event sent again after it finished",
+            runs: awaiting(&run_id),
+            rows_expected: rows,
+            also_secret: vec![],
+        },
+        "the early event was held back until the stage before it finished; the late one was a no-op",
+    )
+    .await;
+}
+
+/// Runs one event through the pipeline, killing a worker at `point` after each of the first
+/// three stages, then lets a last worker finish.
+async fn killed_at_each_boundary(point: &str) -> (AwsWorld, String, usize) {
+    let (a, rows) = world(Spec {
+        uat_rows: 1200,
+        ..Spec::default()
+    })
+    .await;
+    let run_id = a.inject(ENV).await;
+    for s in [
+        Stage::DetectMismatch,
+        Stage::PurgeKeys,
+        Stage::ClearDataverseConfigs,
+    ] {
+        a.kill_worker_at(&format!("{point}:{}", s.as_str())).await;
+    }
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    let run = a.status_json(&["--run", &run_id]).await;
+    assert_eq!(
+        attempts(&run),
+        [1, 1, 1, 1],
+        "no recorded stage ran again: {run}\n{}",
+        a.logs()
+            .lines()
+            .filter(|l| !l.contains("DEBUG"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    (a, run_id, rows)
+}
+
+#[tokio::test]
+async fn s03_killed_after_recording_each_stage() {
+    let (a, run_id, rows) = killed_at_each_boundary("stage-recorded").await;
+    a.conclude(
+        Scenario {
+            id: "03-killed-after-recording",
+            title: "SIGKILL at each stage boundary, before the next event is sent",
+            injected: "worker SIGKILLed after detect-mismatch, purge-keys and clear-dataverse-configs each stored their outcome, before the next stage's event was sent; restarted each time",
+            runs: awaiting(&run_id),
+            rows_expected: rows,
+            also_secret: vec![],
+        },
+        "3 kills; the redelivered event sent the missing next event; no stage ran twice",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s04_killed_after_sending_each_next_event() {
+    let (a, run_id, rows) = killed_at_each_boundary("next-sent").await;
+    a.conclude(
+        Scenario {
+            id: "04-killed-after-sending",
+            title: "SIGKILL at each stage boundary, before the message is acknowledged",
+            injected: "worker SIGKILLed after each of the first three stages sent the next event, before its own message was deleted; restarted each time",
+            runs: awaiting(&run_id),
+            rows_expected: rows,
+            also_secret: vec![],
+        },
+        "3 kills; each redelivery was recognised as done; no stage ran twice",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s05_killed_in_the_middle_of_a_delete_batch() {
+    let (a, rows) = world(Spec {
+        uat_rows: 3000,
+        registry_extra: "limits = { dataverse_batch_size = 500, dataverse_concurrency = 1, dataverse_page_size = 1000 }".into(),
+        ..Spec::default()
+    })
+    .await;
+    a.w.sim.set_faults(Faults {
+        stall_batch_after_ops: Some(200),
+        ..Faults::default()
+    });
+    let run_id = a.inject(ENV).await;
+    let mut worker = a.worker(&[]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while a.w.sim.snapshot().stalled_batches == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no delete batch reached"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    worker.start_kill().unwrap(); // SIGKILL, 200 of the batch's 500 deletes applied
+    worker.wait().await.unwrap();
+    assert_eq!(a.w.sim.snapshot().deleted["dataverse/uat"], 200);
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    let run = a.status_json(&["--run", &run_id]).await;
+    assert_eq!(stage(&run, "clear-dataverse-configs")["attempts"], 2);
+    a.conclude(
+        Scenario {
+            id: "05-killed-mid-batch",
+            title: "SIGKILL in the middle of a delete batch",
+            injected: "Dataverse applied 200 of a 500-delete `$batch`, then the worker was SIGKILLed before the answer; restarted",
+            runs: awaiting(&run_id),
+            rows_expected: rows,
+            also_secret: vec![],
+        },
+        "the stage resumed (attempt 2) from a fresh read; the 200 rows were archived before they went",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s06_half_of_all_requests_throttled() {
+    let (a, rows) = world(Spec {
+        uat_rows: 2000,
+        project_configs: 100,
+        registry_extra: "limits = { dataverse_batch_size = 250 }".into(),
+        ..Spec::default()
+    })
+    .await;
+    a.w.sim.set_faults(Faults {
+        rate_429: 0.5,
+        retry_after_secs: 1,
+        ..Faults::default()
+    });
+    let run_id = a.inject(ENV).await;
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    assert!(retries_waited(&a.w.sim.log()) > 0, "nothing was throttled");
+    a.conclude(
+        Scenario {
+            id: "06-throttled-half",
+            title: "Half of all Dataverse and F&O requests throttled",
+            injected: "50% of Dataverse and F&O requests answered 429 with `Retry-After: 1`",
+            runs: awaiting(&run_id),
+            rows_expected: rows,
+            also_secret: vec![],
+        },
+        "every throttled request was retried, none before its Retry-After (checked in the simulator's log)",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s07_bursts_of_server_errors() {
+    let (a, rows) = world(Spec {
+        uat_rows: 2000,
+        project_configs: 100,
+        registry_extra: "limits = { dataverse_batch_size = 250 }".into(),
+        ..Spec::default()
+    })
+    .await;
+    a.w.sim.set_faults(Faults {
+        burst_5xx_every: 5,
+        burst_5xx_len: 4,
+        ..Faults::default()
+    });
+    let run_id = a.inject(ENV).await;
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    assert!(a.w.sim.snapshot().server_errors >= 8);
+    a.conclude(
+        Scenario {
+            id: "07-5xx-bursts",
+            title: "Bursts of 5xx",
+            injected: "after every 5 Dataverse / F&O requests, the next 4 answered 503",
+            runs: awaiting(&run_id),
+            rows_expected: rows,
+            also_secret: vec![],
+        },
+        "every burst was ridden out with backoff; no batch was applied twice",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s08_token_endpoint_down_for_a_while() {
+    let (a, rows) = world(Spec::default()).await;
+    a.w.sim.set_faults(Faults {
+        token_outage_ms: 8000,
+        ..Faults::default()
+    });
+    let run_id = a.inject(ENV).await;
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    assert!(a.w.sim.snapshot().token_outage_answers > 0);
+    a.conclude(
+        Scenario {
+            id: "08-token-outage",
+            title: "Token endpoint down for a while",
+            injected: "Entra's token endpoint answered 503 `temporarily_unavailable` for the first 8 s",
+            runs: awaiting(&run_id),
+            rows_expected: rows,
+            also_secret: vec![],
+        },
+        "token requests were retried until the endpoint came back; nothing ran without a token",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s09_token_expires_mid_run() {
+    let (a, rows) = world(Spec {
+        uat_rows: 3000,
+        registry_extra: "limits = { dataverse_batch_size = 500, dataverse_concurrency = 1 }".into(),
+        ..Spec::default()
+    })
+    .await;
+    a.w.sim.set_faults(Faults {
+        tokens_revoked_after_secs: Some(1),
+        per_op_latency_ms: 1,
+        ..Faults::default()
+    });
+    let run_id = a.inject(ENV).await;
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    let snap = a.w.sim.snapshot();
+    assert!(snap.unauthorized > 0, "no token expired mid-run");
+    a.conclude(
+        Scenario {
+            id: "09-token-expires-mid-run",
+            title: "A token that expires mid-run",
+            injected: "tokens refused 1 s after issue although `expires_in` said an hour",
+            runs: awaiting(&run_id),
+            rows_expected: rows,
+            also_secret: vec![],
+        },
+        "each 401 fetched a new token and retried the request once",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s10_concurrent_workers_conflict_on_the_table() {
+    let (a, rows) = world(Spec {
+        uat_rows: 500,
+        extra_envs: 5,
+        extra_rows: 200,
+        ..Spec::default()
+    })
+    .await;
+    let mut runs = Vec::new();
+    for env in a.w.envs.clone() {
+        runs.push(a.inject(&env).await);
+    }
+    let workers: Vec<_> = (0..3).map(|_| a.worker(&["--deliver-twice"])).collect();
+    for w in workers {
+        wait_exit(w).await;
+    }
+    for run_id in &runs {
+        let run = a.status_json(&["--run", run_id]).await;
+        assert_eq!(attempts(&run), [1, 1, 1, 1], "{run}");
+    }
+    let logs = a.logs();
+    let conflicts = logs.matches("is locked by run").count()
+        + logs.matches("changed concurrently").count()
+        + logs.matches("arrived before").count();
+    assert!(conflicts > 0, "the workers never collided");
+    a.conclude(
+        Scenario {
+            id: "10-concurrent-workers",
+            title: "Conditional-write conflicts from concurrent workers",
+            injected: "3 workers, each handing every batch to the handler twice, on 6 environments at once",
+            runs: runs
+                .iter()
+                .map(|r| (r.clone(), RunStatus::AwaitingConfirmation))
+                .collect(),
+            rows_expected: rows,
+            also_secret: vec![],
+        },
+        "lock and version conflicts refused the losing writers; every stage of every run ran once",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s11_crashed_lock_holder_whose_lease_expires() {
+    use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+    use lambda_runtime::{Context, LambdaEvent};
+    use relink_shared::aws::registry::TableRegistry;
+    use relink_shared::aws::secrets::SecretResolver;
+    use relink_shared::aws::sqs::SqsQueue;
+    use relink_shared::http::{Http, HttpConnector, RetryPolicy};
+    use relink_shared::lambda::{FunctionDeps, HANDOVER_GRACE, handle_batch};
+    use relink_shared::progress::{ProgressSink, TracingSink};
+    use relink_shared::stages::ManualReset;
+
+    let (a, rows) = world(Spec {
+        uat_rows: 4000,
+        registry_extra: "limits = { dataverse_batch_size = 200, dataverse_concurrency = 1 }".into(),
+        ..Spec::default()
+    })
+    .await;
+    a.w.sim.set_faults(Faults {
+        per_op_latency_ms: 1,
+        ..Faults::default()
+    });
+    // This test process plays the Lambda functions, on another "host": their leases cannot be
+    // checked for a dead process, only waited out.
+    let config = relink_shared::aws::sdk_config().await;
+    let store = a.store().await;
+    let mut urls = HashMap::new();
+    for s in Stage::ALL {
+        urls.insert(s, a.queue_url(&format!("{}{}", a.prefix, s.as_str())).await);
+    }
+    let sink: Arc<dyn ProgressSink> = Arc::new(TracingSink);
+    let http = Arc::new(Http::new(RetryPolicy::default(), sink.clone()).unwrap());
+    let deps = |stage| FunctionDeps {
+        stage,
+        store: Arc::new(store.clone()),
+        queue: Arc::new(SqsQueue::new(a.sqs.clone(), urls.clone())),
+        connector: Arc::new(HttpConnector::new(http.clone())),
+        registry: Arc::new(TableRegistry::new(
+            store.clone(),
+            SecretResolver::new(&config),
+        )),
+        reset: Arc::new(ManualReset),
+        sink: sink.clone(),
+        owner_prefix: "lambda".into(),
+        lease: Duration::from_secs(4),
+        handover_grace: HANDOVER_GRACE,
+    };
+    let receive = async |stage: Stage| {
+        let out = a
+            .sqs
+            .receive_message()
+            .queue_url(&urls[&stage])
+            .wait_time_seconds(10)
+            .visibility_timeout(common::aws::VISIBILITY_SECS as i32)
+            .send()
+            .await
+            .unwrap();
+        let m = out.messages().first().expect("a message").clone();
+        let mut r = SqsMessage::default();
+        r.message_id = m.message_id().map(str::to_string);
+        r.receipt_handle = m.receipt_handle().map(str::to_string);
+        r.body = m.body().map(str::to_string);
+        let mut event = SqsEvent::default();
+        event.records = vec![r];
+        let mut ctx = Context::default();
+        ctx.deadline = (jiff::Timestamp::now() + Duration::from_secs(60)).as_millisecond() as u64;
+        (
+            LambdaEvent::new(event, ctx),
+            m.receipt_handle().unwrap().to_string(),
+        )
+    };
+    let run_id = a.inject(ENV).await;
+    for s in [Stage::DetectMismatch, Stage::PurgeKeys] {
+        let (event, receipt) = receive(s).await;
+        let out = handle_batch(&deps(s), event).await.unwrap();
+        assert!(out.batch_item_failures.is_empty());
+        a.sqs
+            .delete_message()
+            .queue_url(&urls[&s])
+            .receipt_handle(receipt)
+            .send()
+            .await
+            .unwrap();
+    }
+    let (event, _) = receive(Stage::ClearDataverseConfigs).await;
+    let clear = deps(Stage::ClearDataverseConfigs);
+    let crashed = tokio::spawn(async move {
+        handle_batch(&clear, event).await.ok();
+    });
+    common::wait_for_deletes(&a.w.sim, "uat", 600).await;
+    crashed.abort(); // the invocation dies holding the lease
+    let _ = crashed.await;
+    assert!(a.w.sim.snapshot().deleted["dataverse/uat"] < 4000);
+
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    assert!(
+        a.logs().contains("(worker lambda#"),
+        "the worker was refused while the crashed holder's lease lived"
+    );
+    let run = a.status_json(&["--run", &run_id]).await;
+    assert_eq!(stage(&run, "clear-dataverse-configs")["attempts"], 2);
+    a.conclude(
+        Scenario {
+            id: "11-lease-expiry",
+            title: "A crashed lock holder whose lease expires",
+            injected: "a Lambda-style invocation (owner on another host) died mid-delete holding a 4 s lease; a worker got the redelivered event",
+            runs: awaiting(&run_id),
+            rows_expected: rows,
+            also_secret: vec![],
+        },
+        "the worker was refused while the lease lived, then took the environment over and finished",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s12_a_hundred_environments_restored_at_once() {
+    let (a, rows) = world(Spec {
+        extra_envs: 99,
+        extra_rows: 40,
+        ..Spec::default()
+    })
+    .await;
+    assert_eq!(a.w.envs.len(), 100);
+    for env in &a.w.envs {
+        a.send_raw(
+            Stage::DetectMismatch,
+            &format!(r#"{{"environment_id":"{env}"}}"#),
+        )
+        .await;
+    }
+    let workers: Vec<_> = (0..4).map(|_| a.worker(&[])).collect();
+    for w in workers {
+        wait_exit(w).await;
+    }
+    let by_env = runs_by_env(&a).await;
+    let runs: Vec<(String, RunStatus)> =
+        a.w.envs
+            .iter()
+            .filter_map(|e| by_env.get(e))
+            .map(|r| (r.clone(), RunStatus::AwaitingConfirmation))
+            .collect();
+    assert_eq!(runs.len(), 100, "every environment has its run");
+    a.conclude(
+        Scenario {
+            id: "12-hundred-environments",
+            title: "100 environments restored at once",
+            injected: "100 restore events on the detect queue at once, 4 workers",
+            runs,
+            rows_expected: rows,
+            also_secret: vec![],
+        },
+        "100 runs, one per environment, all awaiting the manual reset",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s13_poison_messages() {
+    let (a, _) = world(Spec::default()).await;
+    let rows = stale_rows(&Spec::default());
+    let ghost = "01JDQ4N9Z3W8B7C6X5V4T3S2R1";
+    let smuggled = "SMUGGLED-CLIENT-SECRET-7f3a";
+    let poison: Vec<(Stage, String, &str)> = vec![
+        (
+            Stage::DetectMismatch,
+            "this is not json".into(),
+            "expected ident",
+        ),
+        (
+            Stage::DetectMismatch,
+            "[1, 2, 3]".into(),
+            "an event is a JSON object",
+        ),
+        (
+            Stage::DetectMismatch,
+            r#"{"environment_id": 42}"#.into(),
+            "field `environment_id`: invalid type",
+        ),
+        (
+            Stage::DetectMismatch,
+            "{}".into(),
+            "missing field `environment_id`",
+        ),
+        (
+            Stage::DetectMismatch,
+            format!(r#"{{"environment_id":"{ENV}","dryrun":true}}"#),
+            "unknown field `dryrun`",
+        ),
+        (
+            Stage::DetectMismatch,
+            format!(r#"{{"environment_id":"{ENV}","stage":"drop-database"}}"#),
+            "field `stage`",
+        ),
+        (
+            Stage::DetectMismatch,
+            r#"{"environment_id":"no-such-env"}"#.into(),
+            "unknown environment `no-such-env`",
+        ),
+        (
+            Stage::DetectMismatch,
+            format!(r#"{{"version":2,"environment_id":"{ENV}"}}"#),
+            "understands only version 1",
+        ),
+        (
+            Stage::DetectMismatch,
+            format!(
+                r#"{{"environment_id":"{ENV}","trigger":{{"source":"manual","operation_id":"{}"}}}}"#,
+                "x".repeat(20_000)
+            ),
+            "an event is at most",
+        ),
+        (
+            Stage::PurgeKeys,
+            format!(r#"{{"environment_id":"{ENV}","stage":"purge-keys","run_id":"{ghost}"}}"#),
+            "not found",
+        ),
+        (
+            Stage::DetectMismatch,
+            format!(
+                r#"{{"environment_id":"{ENV}","dataverse_url":"https://attacker.example.com"}}"#
+            ),
+            "unknown field `dataverse_url`",
+        ),
+        (
+            Stage::DetectMismatch,
+            format!(r#"{{"environment_id":"{ENV}","client_secret":"{smuggled}"}}"#),
+            "unknown field `client_secret`",
+        ),
+        (
+            Stage::DetectMismatch,
+            r#"{"environment_id":"../contoso-prod"}"#.into(),
+            "not a registry key",
+        ),
+        (
+            Stage::DetectMismatch,
+            format!(r#"{{"environment_id":"{ENV}","run_id":"../../etc/passwd"}}"#),
+            "not a ULID",
+        ),
+        (
+            Stage::DetectMismatch,
+            format!(
+                r#"{{"environment_id":"{ENV}","stage":"clear-dataverse-configs","run_id":"{ghost}"}}"#
+            ),
+            "this is the detect-mismatch queue",
+        ),
+    ];
+    for (s, body, _) in &poison {
+        a.send_raw(*s, body).await;
+    }
+    a.send_raw(
+        Stage::DetectMismatch,
+        &format!(r#"{{"environment_id":"{ENV}"}}"#),
+    )
+    .await;
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+
+    let rejected = a.status_json(&["--rejected"]).await;
+    let errors: Vec<String> = rejected
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["error"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(errors.len(), poison.len(), "{errors:#?}");
+    let unmatched: Vec<&str> = poison
+        .iter()
+        .map(|(_, _, needle)| *needle)
+        .filter(|n| !errors.iter().any(|e| e.contains(n)))
+        .collect();
+    assert!(
+        unmatched.is_empty(),
+        "no rejection says {unmatched:?}: {errors:#?}"
+    );
+    assert!(
+        !a.w.sim.log().iter().any(|e| e.path.contains("attacker")),
+        "no request followed a smuggled URL"
+    );
+    let by_env = runs_by_env(&a).await;
+    a.conclude(
+        Scenario {
+            id: "13-poison-messages",
+            title: "Poison messages",
+            injected: "15 kinds beside one good event: not JSON, an array, wrong type, missing field, unknown field, unknown stage, unknown environment, version 2, 36 KB body, run that does not exist, smuggled URL, smuggled credential, path in the environment id, path as run id, stage on the wrong queue",
+            runs: awaiting(&by_env[ENV]),
+            rows_expected: rows,
+            also_secret: vec![smuggled.into()],
+        },
+        "each recorded with its reason and acknowledged (none dead-lettered); the good event went through",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s14_wrong_dataverse_organisation() {
+    let (a, _) = world(Spec {
+        dataverse_org: "prod",
+        ..Spec::default()
+    })
+    .await;
+    let run_id = a.inject(ENV).await;
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    let run = a.status_json(&["--run", &run_id]).await;
+    let error = stage(&run, "detect-mismatch")["error"].as_str().unwrap();
+    assert!(error.contains("orgcontosoprod"), "{error}");
+    let snap = a.w.sim.snapshot();
+    assert_eq!(
+        (
+            snap.runtime_configs["prod"],
+            snap.runtime_configs["uat"],
+            snap.project_configs[ENV]
+        ),
+        (25, 300, 40),
+        "every row is still there"
+    );
+    a.conclude(
+        Scenario {
+            id: "14-wrong-organisation",
+            title: "Registry points at the wrong Dataverse organisation",
+            injected: "`dataverse_url` of a UAT entry aimed at the production organisation",
+            runs: vec![(run_id, RunStatus::Refused)],
+            rows_expected: 0,
+            also_secret: vec![],
+        },
+        "refused at detect-mismatch (unique name differs); no row touched on either side",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s15_production_is_refused() {
+    let (a, _) = world(Spec {
+        kind: "production",
+        ..Spec::default()
+    })
+    .await;
+    let run_id = a.inject(ENV).await;
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    let run = a.status_json(&["--run", &run_id]).await;
+    assert!(
+        stage(&run, "detect-mismatch")["error"]
+            .as_str()
+            .unwrap()
+            .contains("allow_production"),
+        "{run}"
+    );
+    a.conclude(
+        Scenario {
+            id: "15-production-refused",
+            title: "Production without an allowance",
+            injected: "an event for an environment of kind `production` without `allow_production`",
+            runs: vec![(run_id, RunStatus::Refused)],
+            rows_expected: 0,
+            also_secret: vec![],
+        },
+        "refused before any request to Dynamics; nothing deleted",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s16_forged_and_replayed_notifications() {
+    use relink_shared::aws::registry::TableRegistry;
+    use relink_shared::aws::secrets::SecretResolver;
+    use relink_shared::aws::sqs::SqsQueue;
+    use relink_shared::ingest::{IngestDeps, ingest};
+    use relink_shared::notify::sign;
+    use relink_shared::registry::Secret;
+
+    let (a, rows) = world(Spec {
+        uat_rows: 500,
+        registry_extra: "lcs_environment_id = \"8f1c-lcs-env\"".into(),
+        ..Spec::default()
+    })
+    .await;
+    // The ingest function's own wiring, against the local stack.
+    let config = relink_shared::aws::sdk_config().await;
+    let store = a.store().await;
+    let detect = a.queue_url(&format!("{}detect-mismatch", a.prefix)).await;
+    let hook = "hook-secret-5d1e";
+    let deps = IngestDeps {
+        registry: Arc::new(TableRegistry::new(
+            store.clone(),
+            SecretResolver::new(&config),
+        )),
+        store: Arc::new(store),
+        queue: Arc::new(SqsQueue::new(
+            a.sqs.clone(),
+            HashMap::from([(Stage::DetectMismatch, detect)]),
+        )),
+        secret: Secret::new(hook),
+    };
+    let post = async |body: &str, key: &[u8], ts: i64| {
+        ingest(
+            &deps,
+            Some(&ts.to_string()),
+            Some(&sign(key, ts, body.as_bytes())),
+            body.as_bytes(),
+            jiff::Timestamp::now(),
+        )
+        .await
+    };
+    let now = jiff::Timestamp::now().as_second();
+    let refresh = r#"{"Name":"Refresh","Type":"SFSourceDbToSandbox","Status":"Completed","ActivityId":"act-77","EnvironmentId":"8F1C-LCS-ENV"}"#;
+    let first = post(refresh, hook.as_bytes(), now).await;
+    assert_eq!(first.status, 202, "{first:?}");
+    let replayed = post(refresh, hook.as_bytes(), now).await;
+    assert_eq!(
+        (replayed.status, &replayed.body["run_id"]),
+        (409, &first.body["run_id"]),
+        "a replay is a duplicate of the first"
+    );
+    let other = r#"{"OperationStatus":"Completed","OperationActivityId":"x","EnvironmentId":"8f1c-lcs-env"}"#;
+    assert_eq!(post(other, b"forged", now).await.status, 401);
+    assert_eq!(
+        post(other, hook.as_bytes(), now - 400).await.status,
+        401,
+        "stale"
+    );
+    assert_eq!(
+        post(
+            r#"{"environment_id":"nowhere","operation":"copy","operation_id":"y"}"#,
+            hook.as_bytes(),
+            now
+        )
+        .await
+        .status,
+        404
+    );
+    assert_eq!(post("<xml/>", hook.as_bytes(), now).await.status, 400);
+    assert_eq!(
+        a.depth(&format!("{}detect-mismatch", a.prefix)).await,
+        1,
+        "one event, however many notifications"
+    );
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    let run_id = first.body["run_id"].as_str().unwrap().to_string();
+    let run = a.status_json(&["--run", &run_id]).await;
+    assert_eq!(
+        (
+            run["trigger"]["source"].as_str(),
+            run["trigger"]["operation_id"].as_str()
+        ),
+        (Some("lcs"), Some("act-77"))
+    );
+    a.conclude(
+        Scenario {
+            id: "16-forged-replayed-notifications",
+            title: "Forged and replayed notifications",
+            injected: "one signed LCS notification, then the same request replayed, a forged signature, a stale timestamp, an unknown environment, an unreadable body",
+            runs: awaiting(&run_id),
+            rows_expected: rows,
+            also_secret: vec![hook.into()],
+        },
+        "replay 409 (same run), forged 401, stale 401, unknown 404, unreadable 400; one event queued",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s17_plain_http_to_a_remote_host_is_refused() {
+    let (a, rows) = world(Spec::default()).await;
+    let text = std::fs::read_to_string(&a.w.config).unwrap();
+    let remote = "http://contoso-uat.crm.dynamics.com";
+    // An operator's file with plain http to a real host: `env push` refuses it.
+    let mut insecure = text.replace(&format!("[environments.{ENV}]"), "[environments.insecure]");
+    let dv = a.w.sim.dataverse_url("uat");
+    insecure = insecure.replace(&dv, remote);
+    std::fs::write(&a.w.config, format!("{text}\n{insecure}")).unwrap();
+    let out = a.relink(&["env", "push", "insecure"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("plain http"), "{out:?}");
+    // A hand-written table entry that skipped the check: its events are refused, the others run.
+    let mut entry = relink_shared::registry::Registry::entry_json(&text, ENV).unwrap();
+    entry["dataverse_url"] = remote.into();
+    a.store().await.put_entry("insecure", &entry).await.unwrap();
+    a.send_raw(Stage::DetectMismatch, r#"{"environment_id":"insecure"}"#)
+        .await;
+    let run_id = a.inject(ENV).await;
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    let rejected = a.status_json(&["--rejected"]).await;
+    let errors: Vec<&str> = rejected
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["error"].as_str().unwrap())
+        .collect();
+    assert!(
+        errors.len() == 1 && errors[0].contains("plain http"),
+        "{errors:?}"
+    );
+    a.conclude(
+        Scenario {
+            id: "17-plain-http-refused",
+            title: "Plain http to a host that is not loopback",
+            injected: "`dataverse_url = \"http://...dynamics.com\"` in the file (pushed) and written straight into the table (then an event for it)",
+            runs: awaiting(&run_id),
+            rows_expected: rows,
+            also_secret: vec![],
+        },
+        "`env push` exit 2; the hand-written entry's event rejected with the reason while the other environment ran",
+    )
+    .await;
+}
