@@ -268,6 +268,37 @@ async fn clearing_twenty_thousand_rows_takes_at_most_twenty_batches() {
 }
 
 #[tokio::test]
+async fn clearing_under_the_service_protection_limits_paces_itself_instead_of_being_throttled() {
+    let w = World::new(Spec {
+        uat_rows: 12_000,
+        registry_extra: "limits = { dataverse_concurrency = 2 }".into(),
+        ..Spec::default()
+    })
+    .await;
+    // Limits that bind within seconds: 4 s of execution per 2 s window, 1 ms per delete, so
+    // 12,000 deletes need about 6 s at the limit.
+    w.sim.set_faults(Faults {
+        per_op_latency_ms: 1,
+        protection: Some(relink_sim::Protection {
+            requests: 6000,
+            execution_ms: 4000,
+            window_ms: 2000,
+            concurrent: 52,
+        }),
+        ..Faults::default()
+    });
+    let out = w.relink(&["run", ENV]).await;
+    assert_eq!(out.code, 3, "{out:?}");
+    let snap = w.sim.snapshot();
+    assert_eq!(snap.runtime_configs["uat"], 0);
+    assert_eq!(
+        snap.throttled, 0,
+        "the client kept within the execution budget the headers announced"
+    );
+    assert!(snap.deleted_twice.is_empty());
+}
+
+#[tokio::test]
 async fn bad_input_exits_2_and_names_the_problem() {
     let w = World::new(Spec::default()).await;
 

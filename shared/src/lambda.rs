@@ -192,14 +192,18 @@ async fn reject(
 }
 
 /// JSON log lines (Lambda's JSON log format) carrying the record span's `run_id`,
-/// `environment_id`, `stage` and `message_id`; level from `RUST_LOG` or `AWS_LAMBDA_LOG_LEVEL`.
+/// `environment_id`, `stage` and `message_id`. One level for everything, from `RUST_LOG` or
+/// `AWS_LAMBDA_LOG_LEVEL` (`trace`..`error`, default `info`): per-module filters would bring
+/// regex engines into every function binary (docs/BENCHMARKS.md, binary size).
 pub fn init_tracing() {
     let level = std::env::var("RUST_LOG")
-        .or_else(|_| std::env::var("AWS_LAMBDA_LOG_LEVEL").map(|l| l.to_lowercase()))
-        .unwrap_or_else(|_| "info".into());
+        .or_else(|_| std::env::var("AWS_LAMBDA_LOG_LEVEL"))
+        .ok()
+        .and_then(|l| l.trim().to_lowercase().parse().ok())
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
     tracing_subscriber::fmt()
         .json()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+        .with_max_level(level)
         .flatten_event(true)
         .with_current_span(true)
         .with_span_list(false)
@@ -244,6 +248,7 @@ pub const HANDOVER_GRACE: Duration = Duration::from_secs(900);
 pub async fn run_function(stage: Stage) -> Result<(), lambda_runtime::Error> {
     init_tracing();
     let deps = FunctionDeps::from_env(stage).await?;
+    crate::aws::warm_up(deps.registry.clone());
     lambda_runtime::run(lambda_runtime::service_fn(|event| {
         handle_batch(&deps, event)
     }))

@@ -14,6 +14,7 @@ pub mod ingest;
 pub mod lambda;
 pub mod model;
 pub mod notify;
+pub mod pacing;
 pub mod pipeline;
 pub mod ports;
 pub mod progress;

@@ -175,6 +175,10 @@ pub trait DataverseApi: Send + Sync {
     async fn next_page(&self, next_link: &str, page_size: usize) -> Result<Page>;
     /// Deletes rows by id in one `$batch`.
     async fn delete_batch(&self, set: &EntitySet, ids: &[String]) -> Result<BatchOutcome>;
+    /// The client's pacing to the service protection limits, if it paces.
+    fn pacer(&self) -> Option<&crate::pacing::Pacer> {
+        None
+    }
 }
 
 /// A table that only a customer-deployed F&O service can purge.

@@ -3,17 +3,18 @@
 //! it, and accepts empty tables. Deleting re-reads the first page after each pass, so a stage
 //! interrupted half-way resumes with exactly the rows still present: nothing is deleted twice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
 use crate::model::{Run, RunStatus, StageStatus};
 use crate::ports::{
-    ArchivedRow, BatchOutcome, DataverseApi, FnoApi, Organization, ProgressStore, ResetDriver,
-    ResetOutcome, ServiceTable,
+    ArchivedRow, BatchOutcome, DataverseApi, FnoApi, Organization, Page, ProgressStore,
+    ResetDriver, ResetOutcome, ServiceTable,
 };
 use crate::progress::{Progress, ProgressSink};
 use crate::registry::{EnvConfig, EnvKind};
@@ -291,7 +292,7 @@ impl Tally {
     }
 }
 
-/// A table whose rows a stage deletes: the first page of what is left, and batched deletes.
+/// A table whose rows a stage deletes: pages of what is left, and batched deletes.
 #[async_trait::async_trait]
 trait Purgeable: Send + Sync {
     /// The table name for archives and progress.
@@ -299,9 +300,19 @@ trait Purgeable: Send + Sync {
     /// The field of a row that holds its key.
     fn key_field(&self) -> &str;
     /// The first page of the rows still present.
-    async fn first_page(&self) -> Result<Vec<Value>>;
+    async fn first_page(&self) -> Result<Page>;
+    /// The page after one whose `next_link` this is.
+    async fn next_page(&self, link: &str) -> Result<Page>;
     /// Deletes rows by key in one request.
     async fn delete(&self, keys: &[String]) -> Result<BatchOutcome>;
+    /// Deletes to send in the next request, at most `configured`.
+    fn batch_size(&self, configured: usize) -> usize {
+        configured
+    }
+    /// Requests to keep in flight, at most `configured`.
+    fn concurrency(&self, configured: usize) -> usize {
+        configured
+    }
 }
 
 struct DataverseRows<'a> {
@@ -318,11 +329,24 @@ impl Purgeable for DataverseRows<'_> {
     fn key_field(&self) -> &str {
         &self.set.primary_id
     }
-    async fn first_page(&self) -> Result<Vec<Value>> {
-        Ok(self.dv.first_page(&self.set, self.page_size).await?.rows)
+    async fn first_page(&self) -> Result<Page> {
+        self.dv.first_page(&self.set, self.page_size).await
+    }
+    async fn next_page(&self, link: &str) -> Result<Page> {
+        self.dv.next_page(link, self.page_size).await
     }
     async fn delete(&self, keys: &[String]) -> Result<BatchOutcome> {
         self.dv.delete_batch(&self.set, keys).await
+    }
+    fn batch_size(&self, configured: usize) -> usize {
+        self.dv
+            .pacer()
+            .map_or(configured, |p| p.batch_size(configured))
+    }
+    fn concurrency(&self, configured: usize) -> usize {
+        self.dv
+            .pacer()
+            .map_or(configured, |p| p.concurrency(configured))
     }
 }
 
@@ -339,8 +363,11 @@ impl Purgeable for ProjectConfigs<'_> {
     fn key_field(&self) -> &str {
         "ProjectName"
     }
-    async fn first_page(&self) -> Result<Vec<Value>> {
-        Ok(self.fno.project_configs(None, self.page_size).await?.rows)
+    async fn first_page(&self) -> Result<Page> {
+        self.fno.project_configs(None, self.page_size).await
+    }
+    async fn next_page(&self, link: &str) -> Result<Page> {
+        self.fno.project_configs(Some(link), self.page_size).await
     }
     async fn delete(&self, keys: &[String]) -> Result<BatchOutcome> {
         self.fno.delete_project_configs(keys).await
@@ -360,69 +387,101 @@ impl Purgeable for ServiceRows<'_> {
     fn key_field(&self) -> &str {
         "key"
     }
-    async fn first_page(&self) -> Result<Vec<Value>> {
-        self.fno.service_rows(self.table).await
+    async fn first_page(&self) -> Result<Page> {
+        Ok(Page {
+            rows: self.fno.service_rows(self.table).await?,
+            next_link: None,
+        })
+    }
+    async fn next_page(&self, _link: &str) -> Result<Page> {
+        unreachable!("the purge service answers in one page")
     }
     async fn delete(&self, keys: &[String]) -> Result<BatchOutcome> {
         self.fno.service_delete(self.table, keys).await
     }
 }
 
-/// Deletes every row of a table, page by page: archive the page, delete it in batches with
-/// bounded concurrency, read the first page again. Gives up on rows that keep failing.
-async fn purge_pages(
-    ctx: &StageCtx<'_>,
-    rows_of: &dyn Purgeable,
+/// Deletes every row of a table. One pass follows the pages from the first: each page is
+/// archived as it arrives, then its keys go out in batches, keeping up to `concurrency` batch
+/// requests in flight across page boundaries; the next page is read and archived while
+/// batches run (paging links are key-based, so deleting rows already read does not move
+/// them). Batch size and concurrency come from the table's pacing (Dataverse: DOP hint, time per
+/// delete). Passes repeat until the first page comes back empty; rows that keep failing stop
+/// the stage.
+async fn purge_pages<'a>(
+    ctx: &'a StageCtx<'a>,
+    rows_of: &'a dyn Purgeable,
     batch_size: usize,
     concurrency: usize,
 ) -> Result<Tally> {
+    enum Done {
+        Batch(Result<BatchOutcome>),
+        Page(Result<(Vec<String>, Option<String>)>),
+    }
+    type Work<'w> = std::pin::Pin<Box<dyn Future<Output = Done> + Send + 'w>>;
+
     let table = rows_of.table();
-    let key_field = rows_of.key_field();
     let mut tally = Tally::default();
     let mut failures: HashMap<String, u32> = HashMap::new();
     let mut idle = 0;
     loop {
-        let rows = rows_of.first_page().await?;
-        if rows.is_empty() {
+        let first = rows_of.first_page().await?;
+        if first.rows.is_empty() {
             return Ok(tally);
         }
-        let mut keys = Vec::with_capacity(rows.len());
-        let mut archived = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let key = row
-                .get(key_field)
-                .and_then(Value::as_str)
-                .ok_or_else(|| Error::Protocol {
-                    service: "OData",
-                    detail: format!("{table} row without a string `{key_field}`"),
-                })?
-                .to_string();
-            archived.push(ArchivedRow {
-                table: table.to_string(),
-                key: key.clone(),
-                row: crate::redact::redact_row(row),
-            });
-            keys.push(key);
-        }
-        drop(rows);
-        ctx.store
-            .archive(&ctx.run.run_id, &ctx.env.id, &archived)
-            .await?;
-        drop(archived);
-        tally.found += keys.len();
-        ctx.sink.emit(Progress::Archived {
-            table,
-            rows: tally.found,
-        });
+        let mut next_link = first.next_link;
+        let mut queue: VecDeque<String> = archive_page(ctx, rows_of, first.rows).await?.into();
+        tally.archived(ctx, table, queue.len());
+        let mut work: FuturesUnordered<Work<'a>> = FuturesUnordered::new();
+        let (mut batches, mut reading) = (0, false);
         let mut pass_deleted = 0;
-        // Futures collected first: a closure inside the stream type trips rustc's higher-ranked
-        // `Send` check (rust-lang/rust#102211) when the stage runs on a spawned task.
-        let deletes: Vec<_> = keys.chunks(batch_size).map(|c| rows_of.delete(c)).collect();
-        let mut results = futures::stream::iter(deletes).buffer_unordered(concurrency);
         let mut first_error = None;
-        while let Some(r) = results.next().await {
-            match r {
-                Ok(o) => {
+        loop {
+            if first_error.is_none() {
+                let batch = rows_of.batch_size(batch_size).max(1);
+                let slots = rows_of.concurrency(concurrency);
+                // Read ahead once what is queued no longer fills every slot.
+                if !reading
+                    && queue.len() < slots * batch
+                    && let Some(link) = next_link.take()
+                {
+                    reading = true;
+                    work.push(Box::pin(async move {
+                        Done::Page(
+                            async {
+                                let page = rows_of.next_page(&link).await?;
+                                let keys = archive_page(ctx, rows_of, page.rows).await?;
+                                Ok((keys, page.next_link))
+                            }
+                            .await,
+                        )
+                    }));
+                }
+                while batches < slots && !queue.is_empty() {
+                    let n = batch.min(queue.len());
+                    let chunk: Vec<String> = queue.drain(..n).collect();
+                    batches += 1;
+                    work.push(Box::pin(async move {
+                        Done::Batch(rows_of.delete(&chunk).await)
+                    }));
+                }
+            }
+            let Some(done) = work.next().await else {
+                break;
+            };
+            match done {
+                Done::Page(Ok((keys, link))) => {
+                    reading = false;
+                    tally.archived(ctx, table, keys.len());
+                    queue.extend(keys);
+                    next_link = link;
+                }
+                Done::Page(Err(e)) => {
+                    reading = false;
+                    first_error.get_or_insert(e);
+                }
+                Done::Batch(Ok(o)) => {
+                    batches -= 1;
                     tally.batches += 1;
                     tally.deleted += o.deleted;
                     tally.already_gone += o.already_gone;
@@ -448,7 +507,8 @@ async fn purge_pages(
                         rows: tally.deleted + tally.already_gone,
                     });
                 }
-                Err(e) => {
+                Done::Batch(Err(e)) => {
+                    batches -= 1;
                     first_error.get_or_insert(e);
                 }
             }
@@ -466,6 +526,52 @@ async fn purge_pages(
             });
         }
     }
+}
+
+impl Tally {
+    /// Counts rows archived and says so.
+    fn archived(&mut self, ctx: &StageCtx<'_>, table: &'static str, rows: usize) {
+        self.found += rows;
+        ctx.sink.emit(Progress::Archived {
+            table,
+            rows: self.found,
+        });
+    }
+}
+
+/// Archives a page (redacted) and returns its keys, in order.
+async fn archive_page(
+    ctx: &StageCtx<'_>,
+    rows_of: &dyn Purgeable,
+    rows: Vec<Value>,
+) -> Result<Vec<String>> {
+    let table = rows_of.table();
+    let key_field = rows_of.key_field();
+    let mut keys = Vec::with_capacity(rows.len());
+    let mut archived = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let key = row
+            .get(key_field)
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::Protocol {
+                service: "OData",
+                detail: format!("{table} row without a string `{key_field}`"),
+            })?
+            .to_string();
+        archived.push(ArchivedRow {
+            table: table.to_string(),
+            key: key.clone(),
+            row: crate::redact::redact_row(row),
+        });
+        keys.push(key);
+    }
+    drop(rows);
+    if !archived.is_empty() {
+        ctx.store
+            .archive(&ctx.run.run_id, &ctx.env.id, &archived)
+            .await?;
+    }
+    Ok(keys)
 }
 
 /// Stage `purge-keys`: F&O key tables (OData, then the optional purge service). Archives first.

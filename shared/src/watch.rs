@@ -364,6 +364,7 @@ pub async fn run_function() -> Result<(), lambda_runtime::Error> {
         store.clone(),
         crate::aws::secrets::SecretResolver::new(&config),
     ));
+    crate::aws::warm_up(registry.clone());
     let watcher = Watcher::new(registry, Arc::new(store), Arc::new(queue), http);
     lambda_runtime::run(lambda_runtime::service_fn(
         |_: lambda_runtime::LambdaEvent<Value>| async {

@@ -1,13 +1,17 @@
 //! `relink-bench`: measures relink against the simulators and writes docs/BENCHMARKS.md.
 //!
-//! `cargo run --release -p relink-bench -- clear` clears N Dataverse runtime-config rows twice,
-//! in child processes so each has its own peak RSS: once through relink's clear stage (paged
-//! reads, archive, `$batch` deletes of 1,000 with bounded concurrency), once with a naive loop
-//! of one `DELETE` per row. The simulator adds a fixed latency to every request.
+//! `cargo run --release -p relink-bench -- all` measures everything in docs/BENCHMARKS.md (binary
+//! size, cold start, clearing rows under the service protection limits, pipeline overhead);
+//! `limits` only the clearing. Clearing runs in child processes so each has its own peak RSS:
+//! relink's clear stage (paged reads, archive, paced `$batch` deletes) and a naive loop of one
+//! `DELETE` per row.
 //!
 //! `cargo run -p relink-bench -- reliability [--check]` writes (or checks) docs/RELIABILITY.md
 //! from the reliability suite's reports.
 
+mod coldstart;
+mod limits;
+mod pipeline;
 mod reliability;
 
 use std::path::{Path, PathBuf};
@@ -24,7 +28,7 @@ use relink_shared::progress::{Progress, ProgressSink};
 use relink_shared::registry::{EnvConfig, Registry, Secret};
 use relink_shared::stages::{self, ManualReset, StageCtx};
 use relink_shared::store_sqlite::SqliteStore;
-use relink_sim::{AppSeed, Faults, OrgSeed, Seed, Sim};
+use relink_sim::{AppSeed, OrgSeed, Seed, Sim};
 use serde::{Deserialize, Serialize};
 
 const CLIENT: &str = "33333333-3333-3333-3333-333333333333";
@@ -38,17 +42,30 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Clear N rows with relink and with a naive loop; write docs/BENCHMARKS.md.
-    Clear {
-        #[arg(long, default_value_t = 50_000)]
-        rows: usize,
-        /// Latency the simulator adds to every request.
-        #[arg(long, default_value_t = 10)]
-        latency_ms: u64,
-        /// Rows the naive loop deletes (its time is per row, so a sample can be extrapolated).
-        #[arg(long)]
-        naive_rows: Option<usize>,
-        /// Where to write the report.
+    /// Every benchmark of docs/BENCHMARKS.md in one run (see infra/scripts/bench.sh, which
+    /// builds the binaries and starts the local stack first).
+    All {
+        /// Where cargo lambda put the bootstrap binaries.
+        #[arg(long, default_value = "target/lambda")]
+        lambda_dir: PathBuf,
+        /// Cold starts per binary.
+        #[arg(long, default_value_t = 20)]
+        cold_runs: usize,
+        /// Environments relinked at once in the fan-out measurement.
+        #[arg(long, default_value_t = 200)]
+        fan_out: usize,
+        #[arg(long, default_value = "docs/BENCHMARKS.md")]
+        out: PathBuf,
+    },
+    /// Only the clearing-under-the-limits measurement (10k, 50k, 100k rows and the naive loop).
+    Limits {
+        #[arg(long, default_value = "docs/BENCHMARKS.md")]
+        out: PathBuf,
+    },
+    /// Only the pipeline overhead (needs the local stack at AWS_ENDPOINT_URL).
+    Pipeline {
+        #[arg(long, default_value_t = 200)]
+        fan_out: usize,
         #[arg(long, default_value = "docs/BENCHMARKS.md")]
         out: PathBuf,
     },
@@ -99,12 +116,24 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        Cmd::Clear {
-            rows,
-            latency_ms,
-            naive_rows,
+        Cmd::All {
+            lambda_dir,
+            cold_runs,
+            fan_out,
             out,
-        } => rt.block_on(clear(rows, latency_ms, naive_rows.unwrap_or(rows), &out)),
+        } => rt.block_on(all(&lambda_dir, cold_runs, fan_out, &out)),
+        Cmd::Limits { out } => rt.block_on(async {
+            let body = limits::run().await?;
+            write_section(&out, "limits", &body)?;
+            println!("{body}");
+            Ok(())
+        }),
+        Cmd::Pipeline { fan_out, out } => rt.block_on(async {
+            let body = pipeline::run(fan_out).await?;
+            write_section(&out, "pipeline", &body)?;
+            println!("{body}");
+            Ok(())
+        }),
         Cmd::Child {
             mode,
             base,
@@ -123,7 +152,8 @@ fn registry(base: &str) -> Result<Registry> {
     let text = format!(
         "[environments.bench]\nkind = \"sandbox\"\nfno_url = \"{base}/fno/bench\"\ndataverse_url = \"{base}/dataverse/bench\"\n\
          dataverse_unique_name = \"orgbench\"\ntenant_id = \"bench\"\nclient_id = \"{CLIENT}\"\nclient_secret = {{ env = \"BENCH\" }}\n\
-         authority = \"{base}\"\nallow_insecure_http = true\n"
+         authority = \"{base}\"\nallow_insecure_http = true\n\
+         limits = {{ dataverse_concurrency = 16 }}\n"
     );
     Ok(Registry::parse(&text, |_| Some(SECRET.to_string()))?)
 }
@@ -213,13 +243,25 @@ async fn naive_clear(env: &EnvConfig, http: Arc<Http>, rows: usize) -> Result<us
             break;
         }
         for id in ids.into_iter().take(rows - deleted) {
-            let resp = client
-                .delete(api.join(&format!("msdyn_dualwriteruntimeconfigs({id})"))?)
-                .bearer_auth(&token)
-                .send()
-                .await?;
-            if resp.status().as_u16() != 204 {
-                bail!("naive delete answered {}", resp.status());
+            loop {
+                let resp = client
+                    .delete(api.join(&format!("msdyn_dualwriteruntimeconfigs({id})"))?)
+                    .bearer_auth(&token)
+                    .send()
+                    .await?;
+                match resp.status().as_u16() {
+                    204 => break,
+                    // Even a naive loop must wait when told to.
+                    429 => {
+                        let wait = resp
+                            .headers()
+                            .get("retry-after")
+                            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                            .unwrap_or(1);
+                        tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+                    }
+                    s => bail!("naive delete answered {s}"),
+                }
             }
             deleted += 1;
         }
@@ -243,7 +285,7 @@ struct Measured {
     requests: usize,
     batches: usize,
     page_reads: usize,
-    single_deletes: usize,
+    throttled: usize,
 }
 
 async fn measure(sim: &Sim, mode: &str, rows: usize, dir: &Path) -> Result<Measured> {
@@ -293,74 +335,135 @@ async fn measure(sim: &Sim, mode: &str, rows: usize, dir: &Path) -> Result<Measu
         requests: delta(|s| s.requests),
         batches: delta(|s| s.batch_requests.get("dataverse").copied().unwrap_or(0)),
         page_reads: delta(|s| s.page_reads.get("dataverse").copied().unwrap_or(0)),
-        single_deletes: delta(|s| s.single_deletes),
+        throttled: delta(|s| s.throttled),
     })
 }
 
-async fn clear(rows: usize, latency_ms: u64, naive_rows: usize, out: &Path) -> Result<()> {
-    let sim = Sim::start(([127, 0, 0, 1], 0).into()).await?;
-    sim.set_faults(Faults {
-        latency_ms,
-        ..Faults::default()
-    });
-    let dir = std::env::temp_dir().join(format!("relink-bench-{}", ulid::Ulid::new()));
-    std::fs::create_dir_all(&dir)?;
-    eprintln!("relink: clearing {rows} rows with {latency_ms} ms per request...");
-    let relink = measure(&sim, "relink", rows, &dir).await?;
-    eprintln!("naive: deleting {naive_rows} rows one request each...");
-    let naive = measure(&sim, "naive", naive_rows, &dir).await?;
-    std::fs::remove_dir_all(&dir).ok();
-    if relink.figures.rows_deleted != rows || naive.figures.rows_deleted != naive_rows {
-        bail!(
-            "incomplete: relink deleted {}, naive {}",
-            relink.figures.rows_deleted,
-            naive.figures.rows_deleted
-        );
-    }
-    let naive_per_row = naive.figures.seconds / naive_rows as f64;
-    let naive_full = naive_per_row * rows as f64;
-    let ratio = naive_full / relink.figures.seconds;
-    let min_batches = rows.div_ceil(1000);
-    let extrapolated = if naive_rows == rows {
-        String::new()
-    } else {
-        format!(
-            " (measured on {naive_rows} rows, {:.2} ms per row, extrapolated)",
-            naive_per_row * 1000.0
-        )
-    };
-    let report = format!(
-        "## Clearing {rows} Dataverse rows: relink vs a naive loop\n\n\
-         Command: `cargo run --release -p relink-bench -- clear --rows {rows} --latency-ms {latency_ms}{naive_arg}`\n\n\
-         Simulator latency: {latency_ms} ms per request. Machine: {machine}. Run: {when}.\n\n\
-         | path | rows | wall time | requests | `$batch` requests | page reads | single DELETEs | peak RSS |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n\
-         | relink (archive, then `$batch` of 1,000, 4 in flight) | {rows} | {rt:.2} s | {rr} | {rb} (minimum {min_batches}) | {rp} | {rs} | {rm:.1} MB |\n\
-         | naive (one DELETE per row, sequential) | {naive_rows} | {nt:.2} s{extrapolated} | {nr} | {nb} | {np} | {ns} | {nm:.1} MB |\n\n\
-         Wall-time ratio, naive / relink, for {rows} rows: **{ratio:.0}x**. relink also archives every row to SQLite before deleting it; the naive loop archives nothing.\n",
-        naive_arg = if naive_rows == rows {
-            String::new()
-        } else {
-            format!(" --naive-rows {naive_rows}")
-        },
+/// The functions, in template order, and the cold-start baseline.
+const FUNCTIONS: [&str; 6] = [
+    "detect-mismatch",
+    "purge-keys",
+    "clear-dataverse-configs",
+    "reset-link",
+    "ingest-notification",
+    "watch-restores",
+];
+const HELLO: &str = "bench-hello";
+const SIZE_TARGET_MB: f64 = 8.0;
+const COLD_TARGET: f64 = 1.5;
+
+/// Every benchmark, one report.
+async fn all(lambda_dir: &Path, cold_runs: usize, fan_out: usize, out: &Path) -> Result<()> {
+    let mut page = format!(
+        "# Benchmarks\n\n\
+         Generated by `bash infra/scripts/bench.sh`: it builds every Lambda function and the hello-world baseline with \
+         `cargo lambda build --release` (the workspace's release profile) for x86_64 and arm64, starts the local stack, then \
+         runs `cargo run --profile measure -p relink-bench -- all`, which measures and writes this page. Every figure below comes from \
+         that one run. Benchmarks measure; they do not assert.\n\n\
+         Machine: {machine}. Run: {when}.\n\n",
         machine = machine(),
         when = jiff::Timestamp::now().strftime("%Y-%m-%d %H:%M UTC"),
-        rt = relink.figures.seconds,
-        rr = relink.requests,
-        rb = relink.batches,
-        rp = relink.page_reads,
-        rs = relink.single_deletes,
-        rm = relink.figures.peak_rss_kb as f64 / 1024.0,
-        nt = naive.figures.seconds,
-        nr = naive.requests,
-        nb = naive.batches,
-        np = naive.page_reads,
-        ns = naive.single_deletes,
-        nm = naive.figures.peak_rss_kb as f64 / 1024.0,
     );
-    write_section(out, "clear", &report)?;
-    println!("{report}");
+    page.push_str(&size_section(lambda_dir)?);
+    eprintln!("cold start: {cold_runs} runs per binary...");
+    page.push_str(&cold_section(lambda_dir, cold_runs).await?);
+    page.push_str(&limits::run().await?);
+    page.push('\n');
+    page.push_str(&pipeline::run(fan_out).await?);
+    std::fs::write(out, &page)?;
+    println!("{page}");
     Ok(())
+}
+
+fn binary(lambda_dir: &Path, arch: &str, name: &str) -> PathBuf {
+    lambda_dir.join(arch).join(name).join("bootstrap")
+}
+
+fn size_section(lambda_dir: &Path) -> Result<String> {
+    let mut rows = String::new();
+    let mut worst: f64 = 0.0;
+    for name in FUNCTIONS.iter().chain([&HELLO]) {
+        let mut cells = Vec::new();
+        for arch in ["x86_64", "arm64"] {
+            let path = binary(lambda_dir, arch, name);
+            let bytes = std::fs::metadata(&path)
+                .with_context(|| {
+                    format!(
+                        "{}: build it first (infra/scripts/bench.sh)",
+                        path.display()
+                    )
+                })?
+                .len();
+            let mb = bytes as f64 / 1_000_000.0;
+            if *name != HELLO {
+                worst = worst.max(mb);
+            }
+            cells.push(format!("{mb:.2} MB"));
+        }
+        rows.push_str(&format!("| {name} | {} | {} |\n", cells[0], cells[1]));
+    }
+    Ok(format!(
+        "## Binary size\n\n\
+         Stripped release binaries (`bootstrap`), as deployed. Target: at most {SIZE_TARGET_MB} MB each. Largest function: \
+         **{worst:.2} MB**.\n\n\
+         | binary | x86_64 | arm64 |\n| --- | ---: | ---: |\n{rows}\n"
+    ))
+}
+
+async fn cold_section(lambda_dir: &Path, runs: usize) -> Result<String> {
+    let arch = if cfg!(target_arch = "aarch64") {
+        "arm64"
+    } else {
+        "x86_64"
+    };
+    let mut binaries = vec![(HELLO.to_string(), binary(lambda_dir, arch, HELLO))];
+    for name in FUNCTIONS {
+        binaries.push((name.to_string(), binary(lambda_dir, arch, name)));
+    }
+    let endpoint =
+        std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "http://127.0.0.1:9".into());
+    let env: Vec<(String, String)> = [
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", "bench"),
+        ("AWS_SECRET_ACCESS_KEY", "bench"),
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("RELINK_TABLE", "relink-bench-cold"),
+        ("NEXT_QUEUE_URL", "http://127.0.0.1:9/000000000000/next"),
+        ("DETECT_QUEUE_URL", "http://127.0.0.1:9/000000000000/detect"),
+        (
+            "NOTIFY_SECRET_ARN",
+            "arn:aws:secretsmanager:us-east-1:000000000000:secret:relink-notify",
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let measured = coldstart::measure(&binaries, runs, &env).await?;
+    let hello = measured[0].median();
+    let mut rows = String::new();
+    let mut worst: f64 = 0.0;
+    for m in &measured {
+        let ratio = m.median().as_secs_f64() / hello.as_secs_f64();
+        if m.name != HELLO {
+            worst = worst.max(ratio);
+        }
+        rows.push_str(&format!(
+            "| {} | {:.2} ms | {:.2} ms | {ratio:.2}x |\n",
+            m.name,
+            m.median().as_secs_f64() * 1000.0,
+            m.p90().as_secs_f64() * 1000.0,
+        ));
+    }
+    Ok(format!(
+        "## Cold start\n\n\
+         Time from spawning the {arch} `bootstrap` to its first `GET /2018-06-01/runtime/invocation/next` on a minimal Lambda \
+         Runtime API endpoint that relink-bench serves on 127.0.0.1; {runs} runs per binary, interleaved. The functions get the \
+         environment the template gives them; they load the registry (DynamoDB, Secrets Manager: TLS handshakes) in the \
+         background while the runtime polls, so the first event finds the connections open without the first poll waiting for \
+         them. Target: at most {COLD_TARGET}x the hello-world `lambda_runtime` binary. Worst function: **{worst:.2}x**.\n\n\
+         | binary | median | p90 | median / hello-world |\n| --- | ---: | ---: | ---: |\n{rows}\n"
+    ))
 }
 
 /// Replaces (or appends) one generated section of the report, keeping the others.

@@ -1189,9 +1189,26 @@ fn pacing_headers(shared: &Shared, key: &str, p: &Protection, resp: &mut Respons
     );
     h.insert(
         "x-ms-ratelimit-time-remaining-xrm-requests",
-        HeaderValue::from(p.execution_ms.saturating_sub(exec)),
+        HeaderValue::from_str(&seconds_with_separators(
+            p.execution_ms.saturating_sub(exec),
+        ))
+        .expect("ascii"),
     );
     h.insert("x-ms-dop-hint", HeaderValue::from(4u64));
+}
+
+/// Milliseconds as Dataverse writes execution time in its headers: seconds with two decimals
+/// and thousands separators (`1,199.53`).
+fn seconds_with_separators(ms: u64) -> String {
+    let whole = (ms / 1000).to_string();
+    let mut grouped = String::new();
+    for (i, c) in whole.chars().enumerate() {
+        if i > 0 && (whole.len() - i).is_multiple_of(3) {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    format!("{grouped}.{:02}", (ms % 1000) / 10)
 }
 
 /// The injected latency, 429 and 5xx rates, for the LCS and Power Platform simulators (the
@@ -2025,6 +2042,13 @@ fn purge_service(st: &mut SimState, env: &str, body: &str) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn execution_time_is_written_like_dataverse() {
+        assert_eq!(seconds_with_separators(1_199_530), "1,199.53");
+        assert_eq!(seconds_with_separators(120_000), "120.00");
+        assert_eq!(seconds_with_separators(5), "0.00");
+    }
 
     #[test]
     fn routes_and_keys() {

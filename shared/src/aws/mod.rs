@@ -12,9 +12,31 @@ use std::time::Duration;
 use crate::model::Stage;
 
 /// Loads the SDK configuration from the environment (region, credentials, and
-/// `AWS_ENDPOINT_URL` for a local stack).
+/// `AWS_ENDPOINT_URL` for a local stack). The SDK's HTTPS client uses rustls with *ring*, the
+/// crypto provider the Dynamics client (reqwest) uses too: one crypto library in every binary
+/// instead of ring and aws-lc side by side (docs/BENCHMARKS.md, binary size).
 pub async fn sdk_config() -> aws_config::SdkConfig {
-    aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await
+    use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+    let https = aws_smithy_http_client::Builder::new()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https();
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .http_client(https)
+        .load()
+        .await
+}
+
+/// Loads the registry in the background while the function's runtime starts polling for its
+/// first event: the table and Secrets Manager connections are then open (TLS handshakes done)
+/// and the registry cached when the first event arrives, without delaying the first poll (the
+/// cold start measured in docs/BENCHMARKS.md). A failure here only means the first invocation
+/// loads it itself.
+pub fn warm_up(registry: std::sync::Arc<dyn crate::lambda::RegistrySource>) {
+    tokio::spawn(async move {
+        if let Err(e) = registry.registry().await {
+            tracing::warn!(error = %e, "warm-up could not load the registry; the first invocation will");
+        }
+    });
 }
 
 /// A required environment variable of a function.

@@ -10,6 +10,7 @@ use url::Url;
 use super::batch::{decode_response, encode_deletes};
 use super::{Http, Service, odata_error_message};
 use crate::error::{Error, Result};
+use crate::pacing::Pacer;
 use crate::ports::{
     BatchOutcome, DataverseApi, EntitySet, FnoIntegration, Organization, Page, TokenSource,
 };
@@ -29,6 +30,7 @@ pub struct DataverseClient {
     tokens: Arc<dyn TokenSource>,
     api: Url,
     scope: String,
+    pacer: Pacer,
 }
 
 impl DataverseClient {
@@ -39,6 +41,7 @@ impl DataverseClient {
             tokens,
             api: env.dataverse_api(),
             scope: EnvConfig::scope_for(&env.dataverse_url),
+            pacer: Pacer::default(),
         }
     }
 
@@ -61,6 +64,7 @@ impl DataverseClient {
             .http
             .send(DATAVERSE, Some((self.tokens.as_ref(), &self.scope)), &build)
             .await?;
+        self.pacer.observe(resp.headers());
         if resp.status().as_u16() == 404 {
             return Ok(None);
         }
@@ -236,11 +240,24 @@ impl DataverseApi for DataverseClient {
                 .bearer_auth(token.unwrap_or_default())
                 .body(batch.body.clone())
         };
-        let resp = self
+        let admitted = self.pacer.admit(ids.len()).await;
+        let resp = match self
             .http
             .send(DATAVERSE, Some((self.tokens.as_ref(), &self.scope)), &build)
-            .await?;
+            .await
+        {
+            Ok(resp) => resp,
+            Err(e) => {
+                self.pacer.finish(admitted, None);
+                return Err(e);
+            }
+        };
+        self.pacer.finish(admitted, Some(resp.headers()));
         batch_outcome(DATAVERSE.name, resp, ids).await
+    }
+
+    fn pacer(&self) -> Option<&Pacer> {
+        Some(&self.pacer)
     }
 }
 
