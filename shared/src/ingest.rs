@@ -219,42 +219,34 @@ pub async fn handle_url(
 /// secret from `NOTIFY_SECRET_ARN` (Secrets Manager) or `RELINK_NOTIFY_SECRET`.
 pub async fn run_function() -> Result<(), lambda_runtime::Error> {
     crate::lambda::init_tracing();
-    let (config, store) = crate::aws::function_base().await?;
-    let registry: Arc<dyn RegistrySource> = Arc::new(crate::aws::registry::TableRegistry::new(
-        store.clone(),
-        crate::aws::secrets::SecretResolver::new(&config),
-    ));
-    crate::aws::warm_up(registry.clone());
-    // The signing key: from Secrets Manager (fetched in the background now, cached after), or
-    // from RELINK_NOTIFY_SECRET.
-    let key = match std::env::var("NOTIFY_SECRET_ARN") {
-        Ok(arn) if !arn.is_empty() => {
-            let secrets = Arc::new(crate::aws::secrets::SecretResolver::new(&config));
-            let (s, a) = (secrets.clone(), arn.clone());
-            tokio::spawn(async move { s.get(&a).await.ok() });
-            Err((secrets, arn))
-        }
-        _ => Ok(Secret::new(crate::aws::env_var("RELINK_NOTIFY_SECRET")?)),
-    };
-    let store: Arc<dyn ProgressStore> = Arc::new(store);
-    let queue: Arc<dyn StageQueue> = Arc::new(crate::aws::detect_queue(&config)?);
+    let deps = crate::lambda::Deferred::start(|| Box::pin(ingest_deps()));
     lambda_runtime::run(lambda_runtime::service_fn(|event| {
-        let (registry, store, queue, key) = (registry.clone(), store.clone(), queue.clone(), &key);
-        async move {
-            let secret = match key {
-                Ok(secret) => secret.clone(),
-                Err((secrets, arn)) => secrets.get(arn).await?,
-            };
-            let deps = IngestDeps {
-                registry,
-                store,
-                queue,
-                secret,
-            };
-            handle_url(&deps, event).await
-        }
+        let deps = deps.clone();
+        async move { handle_url(deps.get().await?, event).await }
     }))
     .await
+}
+
+/// The function's clients, the registry (loading in the background) and the signing key: from
+/// Secrets Manager (`NOTIFY_SECRET_ARN`) or `RELINK_NOTIFY_SECRET`.
+async fn ingest_deps() -> Result<IngestDeps> {
+    let (config, store) = crate::aws::function_base().await?;
+    let secrets = crate::aws::secrets::SecretResolver::new(&config);
+    let secret = match std::env::var("NOTIFY_SECRET_ARN") {
+        Ok(arn) if !arn.is_empty() => secrets.get(&arn).await?,
+        _ => Secret::new(crate::aws::env_var("RELINK_NOTIFY_SECRET")?),
+    };
+    let registry: Arc<dyn RegistrySource> = Arc::new(crate::aws::registry::TableRegistry::new(
+        store.clone(),
+        secrets,
+    ));
+    crate::aws::warm_up(registry.clone());
+    Ok(IngestDeps {
+        registry,
+        store: Arc::new(store),
+        queue: Arc::new(crate::aws::detect_queue(&config)?),
+        secret,
+    })
 }
 
 #[cfg(test)]

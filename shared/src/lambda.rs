@@ -244,13 +244,54 @@ impl FunctionDeps {
 /// How long a run keeps its environment while the next stage's event is in flight.
 pub const HANDOVER_GRACE: Duration = Duration::from_secs(900);
 
+/// What a function builds at start-up (SDK configuration, clients, TLS trust stores, then the
+/// registry with its DynamoDB and Secrets Manager connections), built on a background task from
+/// the moment the process starts. The runtime polls for its first event at once instead of
+/// after all of that (the cold start in docs/BENCHMARKS.md); each invocation awaits it, and it
+/// is normally ready by the time the event arrives. If building fails, the invocation reports
+/// the error and the next one tries again.
+pub struct Deferred<T> {
+    cell: tokio::sync::OnceCell<T>,
+    make: Box<dyn Fn() -> futures::future::BoxFuture<'static, Result<T>> + Send + Sync>,
+}
+
+impl<T: Send + Sync + 'static> Deferred<T> {
+    /// Starts building at once, in the background.
+    pub fn start(
+        make: impl Fn() -> futures::future::BoxFuture<'static, Result<T>> + Send + Sync + 'static,
+    ) -> Arc<Deferred<T>> {
+        let deferred = Arc::new(Deferred {
+            cell: tokio::sync::OnceCell::new(),
+            make: Box::new(make),
+        });
+        let background = deferred.clone();
+        tokio::spawn(async move {
+            if let Err(e) = background.get().await {
+                tracing::error!(error = %e, "start-up failed; the next invocation tries again");
+            }
+        });
+        deferred
+    }
+
+    /// The built value, waiting for the build in progress (or starting another after a failure).
+    pub async fn get(&self) -> Result<&T> {
+        self.cell.get_or_try_init(|| (self.make)()).await
+    }
+}
+
 /// The whole `main` of a stage function.
 pub async fn run_function(stage: Stage) -> Result<(), lambda_runtime::Error> {
     init_tracing();
-    let deps = FunctionDeps::from_env(stage).await?;
-    crate::aws::warm_up(deps.registry.clone());
+    let deps = Deferred::start(move || {
+        Box::pin(async move {
+            let deps = FunctionDeps::from_env(stage).await?;
+            crate::aws::warm_up(deps.registry.clone());
+            Ok(deps)
+        })
+    });
     lambda_runtime::run(lambda_runtime::service_fn(|event| {
-        handle_batch(&deps, event)
+        let deps = deps.clone();
+        async move { handle_batch(deps.get().await?, event).await }
     }))
     .await
 }

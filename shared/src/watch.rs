@@ -354,6 +354,22 @@ impl Watcher {
 /// The whole `main` of the watch-restores function (EventBridge schedule).
 pub async fn run_function() -> Result<(), lambda_runtime::Error> {
     crate::lambda::init_tracing();
+    let watcher = crate::lambda::Deferred::start(|| Box::pin(watcher()));
+    lambda_runtime::run(lambda_runtime::service_fn(
+        |_: lambda_runtime::LambdaEvent<Value>| {
+            let watcher = watcher.clone();
+            async move {
+                let report = watcher.get().await?.poll().await?;
+                Ok::<_, lambda_runtime::Error>(serde_json::to_value(&report)?)
+            }
+        },
+    ))
+    .await
+}
+
+/// The watcher over the function's table, detect queue and HTTP client; the registry loads in
+/// the background.
+async fn watcher() -> crate::Result<Watcher> {
     let (config, store) = crate::aws::function_base().await?;
     let queue = crate::aws::detect_queue(&config)?;
     let http = Arc::new(Http::new(
@@ -365,14 +381,12 @@ pub async fn run_function() -> Result<(), lambda_runtime::Error> {
         crate::aws::secrets::SecretResolver::new(&config),
     ));
     crate::aws::warm_up(registry.clone());
-    let watcher = Watcher::new(registry, Arc::new(store), Arc::new(queue), http);
-    lambda_runtime::run(lambda_runtime::service_fn(
-        |_: lambda_runtime::LambdaEvent<Value>| async {
-            let report = watcher.poll().await?;
-            Ok::<_, lambda_runtime::Error>(serde_json::to_value(&report)?)
-        },
+    Ok(Watcher::new(
+        registry,
+        Arc::new(store),
+        Arc::new(queue),
+        http,
     ))
-    .await
 }
 
 #[cfg(test)]
