@@ -250,6 +250,10 @@ pub const HANDOVER_GRACE: Duration = Duration::from_secs(900);
 /// after all of that (the cold start in docs/BENCHMARKS.md); each invocation awaits it, and it
 /// is normally ready by the time the event arrives. If building fails, the invocation reports
 /// the error and the next one tries again.
+///
+/// `RELINK_SETUP=lazy` builds on the first invocation instead: the runtime's first poll comes
+/// sooner still (nothing competes with it for the CPU), but the first event then waits for the
+/// whole set-up and its TLS handshakes. docs/BENCHMARKS.md measures both.
 pub struct Deferred<T> {
     cell: tokio::sync::OnceCell<T>,
     make: Box<dyn Fn() -> futures::future::BoxFuture<'static, Result<T>> + Send + Sync>,
@@ -264,12 +268,14 @@ impl<T: Send + Sync + 'static> Deferred<T> {
             cell: tokio::sync::OnceCell::new(),
             make: Box::new(make),
         });
-        let background = deferred.clone();
-        tokio::spawn(async move {
-            if let Err(e) = background.get().await {
-                tracing::error!(error = %e, "start-up failed; the next invocation tries again");
-            }
-        });
+        if std::env::var("RELINK_SETUP").as_deref() != Ok("lazy") {
+            let background = deferred.clone();
+            tokio::spawn(async move {
+                if let Err(e) = background.get().await {
+                    tracing::error!(error = %e, "start-up failed; the next invocation tries again");
+                }
+            });
+        }
         deferred
     }
 
