@@ -35,24 +35,12 @@ struct State {
     /// Batches admitted and not answered, with their estimated cost.
     in_flight: usize,
     in_flight_cost: Duration,
-    /// Batches that waited for the budget, and for how long in total.
-    held: usize,
-    held_for: Duration,
 }
 
 /// Pacing state of one Dataverse client (one organisation and application user).
 #[derive(Debug, Default)]
 pub struct Pacer {
     state: Mutex<State>,
-}
-
-/// What the pacer saw and did, for reports.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct PacingStats {
-    pub dop_hint: Option<usize>,
-    pub per_op: Option<Duration>,
-    pub held: usize,
-    pub held_for: Duration,
 }
 
 /// A batch admitted by [`Pacer::admit`]; tell the pacer how it went with [`Pacer::finish`].
@@ -87,8 +75,6 @@ impl Pacer {
 
     /// Waits until a batch of `ops` deletes fits the execution budget, then counts it in flight.
     pub async fn admit(&self, ops: usize) -> Admitted {
-        let since = Instant::now();
-        let mut waited = false;
         loop {
             {
                 let mut st = self.lock();
@@ -102,10 +88,6 @@ impl Pacer {
                 if fits || st.in_flight == 0 {
                     st.in_flight += 1;
                     st.in_flight_cost += cost;
-                    if waited {
-                        st.held += 1;
-                        st.held_for += since.elapsed();
-                    }
                     return Admitted {
                         cost,
                         started: Instant::now(),
@@ -113,7 +95,6 @@ impl Pacer {
                     };
                 }
             }
-            waited = true;
             tokio::time::sleep(RECHECK).await;
         }
     }
@@ -138,16 +119,6 @@ impl Pacer {
     /// Records the pacing headers of any other response (page reads).
     pub fn observe(&self, headers: &reqwest::header::HeaderMap) {
         observe(&mut self.lock(), headers);
-    }
-
-    pub fn stats(&self) -> PacingStats {
-        let st = self.lock();
-        PacingStats {
-            dop_hint: st.dop_hint,
-            per_op: st.per_op,
-            held: st.held,
-            held_for: st.held_for,
-        }
     }
 }
 
@@ -218,7 +189,6 @@ mod tests {
         assert!(!waiting.is_finished(), "held back");
         p.finish(first, Some(&headers("4", "10")));
         let second = waiting.await.unwrap();
-        assert_eq!(p.stats().held, 1);
         p.finish(second, None);
     }
 }

@@ -434,10 +434,6 @@ impl Sim {
     pub fn snapshot(&self) -> Snapshot {
         snapshot(&self.shared)
     }
-    /// Every access token issued so far (to search logs for leaks).
-    pub fn issued_tokens(&self) -> Vec<String> {
-        self.shared.lock().tokens.keys().cloned().collect()
-    }
     /// Every request so far.
     pub fn log(&self) -> Vec<LogEntry> {
         self.shared.lock().log.clone()
