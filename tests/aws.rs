@@ -7,7 +7,7 @@ use std::collections::HashSet;
 
 use common::aws::AwsWorld;
 use common::{ENV, Spec, stage};
-use relink_shared::model::Stage;
+use relink_core::model::Stage;
 use relink_sim::Faults;
 
 fn stage_names(run: &serde_json::Value) -> Vec<String> {
@@ -136,8 +136,19 @@ async fn the_watcher_queues_one_run_per_new_refresh_and_loses_none_to_outages_or
     use relink_sim::{LcsHistorySeed, Seed};
 
     const TOKEN: &str = "lcs-delegated-token";
+    // In AWS the LCS token, like every secret, is read from Secrets Manager.
+    let lcs_token = aws_sdk_secretsmanager::Client::new(&relink_aws::sdk_config().await)
+        .create_secret()
+        .name(format!("relink-test-lcs/{}", ulid::Ulid::new()))
+        .secret_string(TOKEN)
+        .send()
+        .await
+        .unwrap();
     let a = AwsWorld::new(Spec {
-        registry_extra: "lcs_environment_id = \"lcs-env-9\"\nwatch = { lcs_project_id = \"1234567\", lcs_token = { env = \"RELINK_TEST_LCS_TOKEN\" }, lcs_api = \"{sim}/lcs\" }".into(),
+        registry_extra: format!(
+            "lcs_environment_id = \"lcs-env-9\"\nwatch = {{ lcs_project_id = \"1234567\", lcs_token = {{ secret_arn = \"{}\" }}, lcs_api = \"{{sim}}/lcs\" }}",
+            lcs_token.arn().unwrap()
+        ),
         ..Spec::default()
     })
     .await;
@@ -166,12 +177,7 @@ async fn the_watcher_queues_one_run_per_new_refresh_and_loses_none_to_outages_or
         })
         .unwrap();
     let watch = async || {
-        let out = a
-            .command(&["watch", "--json"])
-            .env("RELINK_TEST_LCS_TOKEN", TOKEN)
-            .output()
-            .await
-            .unwrap();
+        let out = a.command(&["watch", "--json"]).output().await.unwrap();
         let out = a.w.finish(out);
         assert!(
             !out.stdout.contains(TOKEN) && !out.stderr.contains(TOKEN),

@@ -176,7 +176,7 @@ async fn a_killed_run_resumes_without_deleting_any_row_twice() {
         ..Spec::default()
     })
     .await;
-    // Each 200-row batch takes about 200 ms, so the process can be killed between two batches.
+    // Each 200-row batch takes about 200 ms: the run is well into the stage after 1,000 rows.
     w.sim.set_faults(Faults {
         per_op_latency_ms: 1,
         ..Faults::default()
@@ -191,6 +191,16 @@ async fn a_killed_run_resumes_without_deleting_any_row_twice() {
             .unwrap_or(0)
     };
     common::wait_for_deletes(&w.sim, "uat", 1000).await;
+    // Hold the next batch, then kill: the kill lands mid-stage whatever the machine's speed.
+    w.sim.set_faults(Faults {
+        per_op_latency_ms: 1,
+        hold_batches: true,
+        ..Faults::default()
+    });
+    common::wait_until("a delete batch is held", || {
+        w.sim.snapshot().held_batches > 0
+    })
+    .await;
     child.start_kill().unwrap();
     child.wait().await.unwrap();
     let partial = deleted();

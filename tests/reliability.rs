@@ -3,6 +3,10 @@
 //! scenario checks every side through `AwsWorld::conclude` (rows, archives, run records, queues
 //! and dead-letter queues, secrets in any output) and writes the row of docs/RELIABILITY.md it
 //! stands for; `cargo run -p relink-bench -- reliability` turns the rows into the page.
+//!
+//! One file of scenarios, longer than the others on purpose: each scenario is one test, read on
+//! its own from top to bottom, and the page they generate lists them in this order; the
+//! machinery they share lives in `tests/common/`.
 
 mod common;
 
@@ -13,8 +17,8 @@ use std::time::Duration;
 use common::aws::AwsWorld;
 use common::scenario::{Scenario, retries_waited};
 use common::{ENV, Spec, stage};
-use relink_shared::model::{RunStatus, Stage};
-use relink_shared::ports::ProgressStore;
+use relink_core::model::{RunStatus, Stage};
+use relink_core::ports::ProgressStore;
 use relink_sim::Faults;
 
 /// Rows of the stale environments of a spec: Dataverse runtime configurations and F&O keys.
@@ -106,13 +110,19 @@ async fn s02_messages_out_of_order() {
         ..Spec::default()
     })
     .await;
+    // clear-dataverse-configs is held at its first delete batch until the early event has been
+    // seen and refused: the order is driven, not raced.
     a.w.sim.set_faults(Faults {
         per_op_latency_ms: 2,
+        hold_batches: true,
         ..Faults::default()
     });
     let run_id = a.inject(ENV).await;
     let worker = a.worker(&[]);
-    common::wait_for_deletes(&a.w.sim, "uat", 250).await;
+    common::wait_until("a delete batch is held", || {
+        a.w.sim.snapshot().held_batches > 0
+    })
+    .await;
     // While clear-dataverse-configs runs: the last stage's event (early) and purge-keys' (late).
     for s in [Stage::ResetLink, Stage::PurgeKeys] {
         a.send_raw(
@@ -124,6 +134,15 @@ async fn s02_messages_out_of_order() {
         )
         .await;
     }
+    common::wait_until("the early event was seen and held back", || {
+        a.logs()
+            .contains("arrived before clear-dataverse-configs finished")
+    })
+    .await;
+    a.w.sim.set_faults(Faults {
+        per_op_latency_ms: 2,
+        ..Faults::default()
+    });
     wait_exit(worker).await;
     let run = a.status_json(&["--run", &run_id]).await;
     assert_eq!(attempts(&run), [1, 1, 1, 1], "{run}");
@@ -137,11 +156,6 @@ async fn s02_messages_out_of_order() {
     assert!(
         ts("reset-link", "started_at") >= ts("clear-dataverse-configs", "finished_at"),
         "reset-link started before clear-dataverse-configs finished: {run}"
-    );
-    assert!(
-        a.logs()
-            .contains("arrived before clear-dataverse-configs finished"),
-        "the early event was seen and held back"
     );
     a.conclude(
         Scenario {
@@ -237,14 +251,10 @@ async fn s05_killed_in_the_middle_of_a_delete_batch() {
     });
     let run_id = a.inject(ENV).await;
     let mut worker = a.worker(&[]);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while a.w.sim.snapshot().stalled_batches == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no delete batch reached"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_until("a delete batch stalled", || {
+        a.w.sim.snapshot().stalled_batches > 0
+    })
+    .await;
     worker.start_kill().unwrap(); // SIGKILL, 200 of the batch's 500 deletes applied
     worker.wait().await.unwrap();
     assert_eq!(a.w.sim.snapshot().deleted["dataverse/uat"], 200);
@@ -434,13 +444,13 @@ async fn s10_concurrent_workers_conflict_on_the_table() {
 async fn s11_crashed_lock_holder_whose_lease_expires() {
     use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
     use lambda_runtime::{Context, LambdaEvent};
-    use relink_shared::aws::registry::TableRegistry;
-    use relink_shared::aws::secrets::SecretResolver;
-    use relink_shared::aws::sqs::SqsQueue;
-    use relink_shared::http::{Http, HttpConnector, RetryPolicy};
-    use relink_shared::lambda::{FunctionDeps, HANDOVER_GRACE, handle_batch};
-    use relink_shared::progress::{ProgressSink, TracingSink};
-    use relink_shared::stages::ManualReset;
+    use relink_aws::lambda::{FunctionDeps, HANDOVER_GRACE, handle_batch};
+    use relink_aws::registry::TableRegistry;
+    use relink_aws::secrets::SecretResolver;
+    use relink_aws::sqs::SqsQueue;
+    use relink_core::progress::{ProgressSink, TracingSink};
+    use relink_core::stages::ManualReset;
+    use relink_dynamics::{Http, HttpConnector, RetryPolicy};
 
     let (a, rows) = world(Spec {
         uat_rows: 4000,
@@ -454,7 +464,7 @@ async fn s11_crashed_lock_holder_whose_lease_expires() {
     });
     // This test process plays the Lambda functions, on another "host": their leases cannot be
     // checked for a dead process, only waited out.
-    let config = relink_shared::aws::sdk_config().await;
+    let config = relink_aws::sdk_config().await;
     let store = a.store().await;
     let mut urls = HashMap::new();
     for s in Stage::ALL {
@@ -466,15 +476,16 @@ async fn s11_crashed_lock_holder_whose_lease_expires() {
         stage,
         store: Arc::new(store.clone()),
         queue: Arc::new(SqsQueue::new(a.sqs.clone(), urls.clone())),
-        connector: Arc::new(HttpConnector::new(http.clone())),
-        registry: Arc::new(TableRegistry::new(
-            store.clone(),
-            SecretResolver::new(&config),
+        connector: Arc::new(HttpConnector::new(
+            http.clone(),
+            Arc::new(SecretResolver::new(&config)),
         )),
+        registry: Arc::new(TableRegistry::new(store.clone())),
         reset: Arc::new(ManualReset),
         sink: sink.clone(),
+        liveness: Arc::new(relink_core::ports::LeasesOnly),
         owner_prefix: "lambda".into(),
-        lease: Duration::from_secs(4),
+        lease: Duration::from_secs(60),
         handover_grace: HANDOVER_GRACE,
     };
     let receive = async |stage: Stage| {
@@ -522,26 +533,66 @@ async fn s11_crashed_lock_holder_whose_lease_expires() {
     common::wait_for_deletes(&a.w.sim, "uat", 600).await;
     crashed.abort(); // the invocation dies holding the lease
     let _ = crashed.await;
-    assert!(a.w.sim.snapshot().deleted["dataverse/uat"] < 4000);
+    let deleted_at_crash = a.w.sim.snapshot().deleted["dataverse/uat"];
+    assert!(deleted_at_crash < 4000);
+
+    // The order of events is driven, not raced: the redelivery comes while the dead holder's
+    // lease is known to live (it is 60 s long and renewed every 20 s), then the test lets the
+    // lease lapse, then a worker gets the message.
+    let held = store
+        .get_lock(ENV)
+        .await
+        .unwrap()
+        .expect("the crashed invocation's lock");
+    let dead = held.owner.clone().expect("held by the crashed invocation");
+    let (event, receipt) = receive(Stage::ClearDataverseConfigs).await;
+    let out = handle_batch(&deps(Stage::ClearDataverseConfigs), event)
+        .await
+        .unwrap();
+    let still = store.get_lock(ENV).await.unwrap().unwrap();
+    assert!(
+        still.owner.as_ref() == Some(&dead) && still.lease_until > jiff::Timestamp::now(),
+        "the redelivery came while the crashed holder's lease lived: {still:?}"
+    );
+    assert_eq!(
+        out.batch_item_failures.len(),
+        1,
+        "the redelivery was refused while the crashed holder's lease lived"
+    );
+    assert_eq!(
+        a.w.sim.snapshot().deleted["dataverse/uat"],
+        deleted_at_crash,
+        "nothing was deleted by the refused redelivery"
+    );
+    // The lease lapses (the test moves the clock of this one lock), and the message is
+    // visible again at once.
+    store
+        .handover_lock(ENV, &run_id, &dead, Duration::ZERO)
+        .await
+        .unwrap();
+    a.sqs
+        .change_message_visibility()
+        .queue_url(&urls[&Stage::ClearDataverseConfigs])
+        .receipt_handle(receipt)
+        .visibility_timeout(0)
+        .send()
+        .await
+        .unwrap();
 
     let worker = a.drain(&[]).await;
     assert_eq!(worker.code, 0, "{worker:?}");
-    assert!(
-        a.logs().contains("(worker lambda#"),
-        "the worker was refused while the crashed holder's lease lived"
-    );
     let run = a.status_json(&["--run", &run_id]).await;
     assert_eq!(stage(&run, "clear-dataverse-configs")["attempts"], 2);
     a.conclude(
         Scenario {
             id: "11-lease-expiry",
             title: "A crashed lock holder whose lease expires",
-            injected: "a Lambda-style invocation (owner on another host) died mid-delete holding a 4 s lease; a worker got the redelivered event",
+            injected: "a Lambda-style invocation (owner on another host) died mid-delete holding a 60 s lease; the redelivery came while it lived, then the lease lapsed and a worker got the event",
             runs: awaiting(&run_id),
             rows_expected: rows,
             also_secret: vec![],
         },
-        "the worker was refused while the lease lived, then took the environment over and finished",
+        "the redelivery was refused while the lease lived (nothing deleted), then a worker took the environment over and finished",
     )
     .await;
 }
@@ -796,12 +847,11 @@ async fn s15_production_is_refused() {
 
 #[tokio::test]
 async fn s16_forged_and_replayed_notifications() {
-    use relink_shared::aws::registry::TableRegistry;
-    use relink_shared::aws::secrets::SecretResolver;
-    use relink_shared::aws::sqs::SqsQueue;
-    use relink_shared::ingest::{IngestDeps, ingest};
-    use relink_shared::notify::sign;
-    use relink_shared::registry::Secret;
+    use relink_aws::ingest::{IngestDeps, ingest};
+    use relink_aws::registry::TableRegistry;
+    use relink_aws::sqs::SqsQueue;
+    use relink_core::notify::sign;
+    use relink_core::registry::Secret;
 
     let (a, rows) = world(Spec {
         uat_rows: 500,
@@ -810,15 +860,11 @@ async fn s16_forged_and_replayed_notifications() {
     })
     .await;
     // The ingest function's own wiring, against the local stack.
-    let config = relink_shared::aws::sdk_config().await;
     let store = a.store().await;
     let detect = a.queue_url(&format!("{}detect-mismatch", a.prefix)).await;
     let hook = "hook-secret-5d1e";
     let deps = IngestDeps {
-        registry: Arc::new(TableRegistry::new(
-            store.clone(),
-            SecretResolver::new(&config),
-        )),
+        registry: Arc::new(TableRegistry::new(store.clone())),
         store: Arc::new(store),
         queue: Arc::new(SqsQueue::new(
             a.sqs.clone(),
@@ -908,7 +954,7 @@ async fn s17_plain_http_to_a_remote_host_is_refused() {
     assert_eq!(out.code, 2, "{out:?}");
     assert!(out.stderr.contains("plain http"), "{out:?}");
     // A hand-written table entry that skipped the check: its events are refused, the others run.
-    let mut entry = relink_shared::registry::Registry::entry_json(&text, ENV).unwrap();
+    let mut entry = relink_core::registry::Registry::entry_json(&text, ENV).unwrap();
     entry["dataverse_url"] = remote.into();
     a.store().await.put_entry("insecure", &entry).await.unwrap();
     a.send_raw(Stage::DetectMismatch, r#"{"environment_id":"insecure"}"#)

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use relink_shared::model::Stage;
+use relink_core::model::Stage;
 
 use super::{Out, Spec, World};
 
@@ -25,7 +25,7 @@ impl AwsWorld {
             "AWS-mode tests need the local stack: run them through infra/scripts/test.sh (it starts moto and sets AWS_ENDPOINT_URL)"
         );
         let w = World::new(spec).await;
-        let config = relink_shared::aws::sdk_config().await;
+        let config = relink_aws::sdk_config().await;
         let id = ulid::Ulid::new().to_string().to_lowercase();
         let secret = aws_sdk_secretsmanager::Client::new(&config)
             .create_secret()
@@ -214,12 +214,9 @@ impl AwsWorld {
     }
 
     /// The table, through the store the functions use.
-    pub async fn store(&self) -> relink_shared::aws::dynamo::DynamoStore {
-        let config = relink_shared::aws::sdk_config().await;
-        relink_shared::aws::dynamo::DynamoStore::new(
-            aws_sdk_dynamodb::Client::new(&config),
-            &self.table,
-        )
+    pub async fn store(&self) -> relink_aws::dynamo::DynamoStore {
+        let config = relink_aws::sdk_config().await;
+        relink_aws::dynamo::DynamoStore::new(aws_sdk_dynamodb::Client::new(&config), &self.table)
     }
 
     /// Messages left in every stage queue and dead-letter queue.

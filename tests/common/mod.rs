@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 
-use relink_shared::ports::{ArchivedRow, ProgressStore};
-use relink_shared::store_sqlite::SqliteStore;
+use relink_core::ports::{ArchivedRow, ProgressStore};
+use relink_embedded::SqliteStore;
 use relink_sim::{AppSeed, FnoSeed, OrgSeed, Seed, Sim};
 use serde_json::Value;
 
@@ -284,17 +284,25 @@ impl Drop for World {
     }
 }
 
-/// Waits until the simulator has deleted at least `n` rows of an organisation.
-pub async fn wait_for_deletes(sim: &Sim, org: &str, n: usize) {
-    let key = format!("dataverse/{org}");
+/// Waits (at most 60 s) until `done` holds; `what` names it in the failure.
+pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-    while sim.snapshot().deleted.get(&key).copied().unwrap_or(0) < n {
+    while !done() {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "fewer than {n} rows of {org} deleted after 60 s"
+            "after 60 s, still not: {what}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// Waits until the simulator has deleted at least `n` rows of an organisation.
+pub async fn wait_for_deletes(sim: &Sim, org: &str, n: usize) {
+    let key = format!("dataverse/{org}");
+    wait_until(&format!("{n} rows of {org} deleted"), || {
+        sim.snapshot().deleted.get(&key).copied().unwrap_or(0) >= n
+    })
+    .await;
 }
 
 /// The stage object of a status JSON.

@@ -7,8 +7,8 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use relink_shared::model::RunStatus;
-use relink_shared::ports::ProgressStore;
+use relink_core::model::RunStatus;
+use relink_core::ports::ProgressStore;
 use serde::Serialize;
 
 use super::aws::AwsWorld;

@@ -68,21 +68,7 @@ async fn once(
     path: &Path,
     env: &[(String, String)],
 ) -> Result<Duration> {
-    let mut cmd = tokio::process::Command::new(path);
-    cmd.env_clear()
-        .env("AWS_LAMBDA_RUNTIME_API", api)
-        .env("AWS_LAMBDA_FUNCTION_NAME", "bench")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        .env("AWS_LAMBDA_LOG_STREAM_NAME", "bench")
-        .env("AWS_LAMBDA_LOG_GROUP_NAME", "bench")
-        .env("AWS_LAMBDA_LOG_LEVEL", "WARN")
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    let started = Instant::now();
-    let mut child = cmd.spawn()?;
+    let (started, mut child) = spawn_bootstrap(path, api, env)?;
     let accepted = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             let (mut conn, _) = listener.accept().await?;
@@ -112,4 +98,28 @@ async fn once(
             String::from_utf8_lossy(&status.stderr)
         ),
     }
+}
+
+/// Starts a `bootstrap` binary as Lambda does: only the environment Lambda sets (with the
+/// Runtime API at `api`) and `env`; returns when it was spawned.
+pub fn spawn_bootstrap(
+    path: &Path,
+    api: &str,
+    env: &[(String, String)],
+) -> Result<(Instant, tokio::process::Child)> {
+    let mut cmd = tokio::process::Command::new(path);
+    cmd.env_clear()
+        .env("AWS_LAMBDA_RUNTIME_API", api)
+        .env("AWS_LAMBDA_FUNCTION_NAME", "bench")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        .env("AWS_LAMBDA_LOG_STREAM_NAME", "bench")
+        .env("AWS_LAMBDA_LOG_GROUP_NAME", "bench")
+        .env("AWS_LAMBDA_LOG_LEVEL", "WARN")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let started = Instant::now();
+    Ok((started, cmd.spawn()?))
 }

@@ -10,6 +10,7 @@
 //! from the reliability suite's reports.
 
 mod coldstart;
+mod first_event;
 mod limits;
 mod pipeline;
 mod reliability;
@@ -20,14 +21,14 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use relink_shared::http::token::EntraTokens;
-use relink_shared::http::{Http, HttpConnector, RetryPolicy};
-use relink_shared::model::{Run, RunOptions, Trigger};
-use relink_shared::ports::{Connector, TokenSource};
-use relink_shared::progress::{Progress, ProgressSink};
-use relink_shared::registry::{EnvConfig, Registry, Secret};
-use relink_shared::stages::{self, ManualReset, StageCtx};
-use relink_shared::store_sqlite::SqliteStore;
+use relink_core::model::{Run, RunOptions, Trigger};
+use relink_core::ports::{Connector, TokenSource};
+use relink_core::progress::{Progress, ProgressSink};
+use relink_core::registry::{EnvConfig, Registry, Secret};
+use relink_core::stages::{self, ManualReset, StageCtx};
+use relink_dynamics::token::{ClientSecret, EntraTokens};
+use relink_dynamics::{Http, HttpConnector, RetryPolicy};
+use relink_embedded::SqliteStore;
 use relink_sim::{AppSeed, OrgSeed, Seed, Sim};
 use serde::{Deserialize, Serialize};
 
@@ -63,14 +64,10 @@ enum Cmd {
         out: PathBuf,
     },
     /// Only the cold starts (x86_64 binaries built by infra/scripts/build-functions.sh).
-    Cold {
-        #[arg(long, default_value = "target/lambda")]
-        lambda_dir: PathBuf,
-        #[arg(long, default_value_t = 20)]
-        runs: usize,
-        #[arg(long, default_value = "docs/BENCHMARKS.md")]
-        out: PathBuf,
-    },
+    Cold(ColdArgs),
+    /// Only the cold first event of each stage function per start-up shape (x86_64 binaries
+    /// built by infra/scripts/build-functions.sh; needs the local stack at AWS_ENDPOINT_URL).
+    FirstEvent(ColdArgs),
     /// Only the pipeline overhead (needs the local stack at AWS_ENDPOINT_URL).
     Pipeline {
         #[arg(long, default_value_t = 200)]
@@ -100,6 +97,17 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
+}
+
+/// Where the Lambda binaries are, how often to start each, where to write.
+#[derive(clap::Args)]
+struct ColdArgs {
+    #[arg(long, default_value = "target/lambda")]
+    lambda_dir: PathBuf,
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    #[arg(long, default_value = "docs/BENCHMARKS.md")]
+    out: PathBuf,
 }
 
 /// What one child measured.
@@ -137,13 +145,23 @@ fn main() -> Result<()> {
             println!("{body}");
             Ok(())
         }),
-        Cmd::Cold {
+        Cmd::Cold(ColdArgs {
             lambda_dir,
             runs,
             out,
-        } => rt.block_on(async {
+        }) => rt.block_on(async {
             let body = cold_section(&lambda_dir, runs).await?;
             write_section(&out, "cold", &body)?;
+            println!("{body}");
+            Ok(())
+        }),
+        Cmd::FirstEvent(ColdArgs {
+            lambda_dir,
+            runs,
+            out,
+        }) => rt.block_on(async {
+            let body = first_event::run(&lambda_dir, runs).await?;
+            write_section(&out, "first-event", &body)?;
             println!("{body}");
             Ok(())
         }),
@@ -202,7 +220,7 @@ async fn child(mode: &str, base: &str, rows: usize, dir: &Path) -> Result<Figure
 
 /// relink's own path: the clear stage with archive-before-delete into a SQLite store.
 async fn relink_clear(env: &EnvConfig, http: Arc<Http>, dir: &Path) -> Result<usize> {
-    let connector = HttpConnector::new(http);
+    let connector = HttpConnector::new(http, Arc::new(relink_embedded::EnvSecrets));
     let dataverse = connector.dataverse(env)?;
     let fno = connector.fno(env)?;
     let store = SqliteStore::open(&dir.join("bench.db"))?;
@@ -232,7 +250,7 @@ async fn naive_clear(env: &EnvConfig, http: Arc<Http>, rows: usize) -> Result<us
         &env.authority,
         &env.tenant_id,
         &env.client_id,
-        Secret::new(SECRET),
+        ClientSecret::Known(Secret::new(SECRET)),
     );
     let scope = EnvConfig::scope_for(&env.dataverse_url);
     let token = tokens.token(&scope).await?;
@@ -386,6 +404,8 @@ async fn all(lambda_dir: &Path, cold_runs: usize, fan_out: usize, out: &Path) ->
     page.push_str(&size_section(lambda_dir)?);
     eprintln!("cold start: {cold_runs} runs per binary...");
     page.push_str(&cold_section(lambda_dir, cold_runs).await?);
+    eprintln!("cold first event: {cold_runs} runs per function and start-up shape...");
+    page.push_str(&first_event::run(lambda_dir, cold_runs).await?);
     page.push_str(&limits::run().await?);
     page.push('\n');
     page.push_str(&pipeline::run(fan_out).await?);

@@ -14,17 +14,17 @@ use anyhow::{Context, Result, bail};
 use async_trait::async_trait;
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use lambda_runtime::{Context as LambdaContext, LambdaEvent};
-use relink_shared::aws::dynamo::DynamoStore;
-use relink_shared::aws::registry::TableRegistry;
-use relink_shared::aws::secrets::SecretResolver;
-use relink_shared::aws::sqs::SqsQueue;
-use relink_shared::aws::{QueueNames, stack};
-use relink_shared::event::StageEvent;
-use relink_shared::http::{Http, HttpConnector, RetryPolicy};
-use relink_shared::lambda::{FunctionDeps, HANDOVER_GRACE, handle_batch};
-use relink_shared::model::{Run, Stage};
-use relink_shared::ports::{ArchivedRow, LeaseOwner, Lock, ProgressStore, Rejected, StageQueue};
-use relink_shared::progress::{Progress, ProgressSink};
+use relink_aws::dynamo::DynamoStore;
+use relink_aws::lambda::{FunctionDeps, HANDOVER_GRACE, handle_batch};
+use relink_aws::registry::TableRegistry;
+use relink_aws::secrets::SecretResolver;
+use relink_aws::sqs::SqsQueue;
+use relink_aws::{QueueNames, stack};
+use relink_core::event::StageEvent;
+use relink_core::model::{Run, Stage};
+use relink_core::ports::{ArchivedRow, LeaseOwner, Lock, ProgressStore, Rejected, StageQueue};
+use relink_core::progress::{Progress, ProgressSink};
+use relink_dynamics::{Http, HttpConnector, RetryPolicy};
 use relink_sim::{AppSeed, FnoSeed, OrgSeed, Seed, Sim};
 
 use crate::coldstart::percentile;
@@ -75,7 +75,7 @@ impl TimedStore {
     }
 }
 
-type R<T> = relink_shared::Result<T>;
+type R<T> = relink_core::Result<T>;
 
 #[async_trait]
 impl ProgressStore for TimedStore {
@@ -177,7 +177,7 @@ pub async fn run(fan_out: usize) -> Result<String> {
     let endpoint = std::env::var("AWS_ENDPOINT_URL").context(
         "the pipeline benchmark needs the local stack: run it through infra/scripts/bench.sh (it starts moto and sets AWS_ENDPOINT_URL)",
     )?;
-    let config = relink_shared::aws::sdk_config().await;
+    let config = relink_aws::sdk_config().await;
     let ddb = aws_sdk_dynamodb::Client::new(&config);
     let sqs = aws_sdk_sqs::Client::new(&config);
     let id = ulid::Ulid::new().to_string().to_lowercase();
@@ -189,10 +189,7 @@ pub async fn run(fan_out: usize) -> Result<String> {
     stack::create_queues(&sqs, &names, Some(Duration::from_secs(60))).await?;
     let mut urls = HashMap::new();
     for s in Stage::ALL {
-        urls.insert(
-            s,
-            relink_shared::aws::sqs::queue_url(&sqs, &names.queue(s)).await?,
-        );
+        urls.insert(s, relink_aws::sqs::queue_url(&sqs, &names.queue(s)).await?);
     }
     let secret_arn = aws_sdk_secretsmanager::Client::new(&config)
         .create_secret()
@@ -231,10 +228,8 @@ pub async fn run(fan_out: usize) -> Result<String> {
     let done: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let http = Arc::new(Http::new(RetryPolicy::default(), Arc::new(Quiet))?);
-    let registry = Arc::new(TableRegistry::new(
-        store.clone(),
-        SecretResolver::new(&config),
-    ));
+    let registry = Arc::new(TableRegistry::new(store.clone()));
+    let secrets = Arc::new(SecretResolver::new(&config));
     let mut pollers = Vec::new();
     for stage in Stage::ALL {
         let deps = Arc::new(FunctionDeps {
@@ -247,12 +242,13 @@ pub async fn run(fan_out: usize) -> Result<String> {
                 inner: SqsQueue::new(sqs.clone(), urls.clone()),
                 clock: clock.clone(),
             }),
-            connector: Arc::new(HttpConnector::new(http.clone())),
+            connector: Arc::new(HttpConnector::new(http.clone(), secrets.clone())),
             registry: registry.clone(),
-            reset: Arc::new(relink_shared::stages::ManualReset),
+            reset: Arc::new(relink_core::stages::ManualReset),
             sink: Arc::new(Quiet),
+            liveness: Arc::new(relink_core::ports::LeasesOnly),
             owner_prefix: "lambda".into(),
-            lease: relink_shared::aws::function_timeout(stage),
+            lease: relink_aws::function_timeout(stage),
             handover_grace: HANDOVER_GRACE,
         });
         for _ in 0..INSTANCES {
@@ -279,7 +275,7 @@ pub async fn run(fan_out: usize) -> Result<String> {
     Ok(report(&sequential, &fan, &endpoint))
 }
 
-fn seed(sim: &Sim, envs: &[String]) -> Result<()> {
+pub(crate) fn seed(sim: &Sim, envs: &[String]) -> Result<()> {
     let mut organizations = vec![OrgSeed {
         name: "prod".into(),
         unique_name: "orgprod".into(),

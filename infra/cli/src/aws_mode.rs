@@ -12,22 +12,24 @@ use std::time::Duration;
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage, SqsMessageAttribute};
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageSystemAttributeName};
 use lambda_runtime::{Context, LambdaEvent};
-use relink_shared::aws::dynamo::DynamoStore;
-use relink_shared::aws::registry::TableRegistry;
-use relink_shared::aws::secrets::SecretResolver;
-use relink_shared::aws::sqs::SqsQueue;
-use relink_shared::aws::{QueueNames, sdk_config, stack};
-use relink_shared::event::StageEvent;
-use relink_shared::http::{Http, HttpConnector, RetryPolicy};
-use relink_shared::lambda::{FunctionDeps, HANDOVER_GRACE, RegistrySource, handle_batch};
-use relink_shared::model::{Run, RunOptions, Stage};
-use relink_shared::pipeline::{Engine, local_owner};
-use relink_shared::ports::StageQueue;
-use relink_shared::progress::{ProgressSink, TracingSink};
-use relink_shared::queue_mem::MemQueue;
-use relink_shared::registry::{Registry, SecretSource};
-use relink_shared::stages::ManualReset;
-use relink_shared::{Error, Result};
+use relink_aws::dynamo::DynamoStore;
+use relink_aws::lambda::{FunctionDeps, HANDOVER_GRACE, handle_batch};
+use relink_aws::registry::TableRegistry;
+use relink_aws::secrets::SecretResolver;
+use relink_aws::sqs::SqsQueue;
+use relink_aws::{QueueNames, sdk_config, stack};
+use relink_core::event::StageEvent;
+use relink_core::model::{Run, RunOptions, Stage};
+use relink_core::pipeline::Engine;
+use relink_core::ports::StageQueue;
+use relink_core::ports::{RegistrySource, SecretStore};
+use relink_core::progress::{ProgressSink, TracingSink};
+use relink_core::registry::{Registry, SecretSource};
+use relink_core::stages::ManualReset;
+use relink_core::{Error, Result};
+use relink_dynamics::{Http, HttpConnector, RetryPolicy};
+use relink_embedded::MemQueue;
+use relink_embedded::{ProcessLiveness, local_owner};
 use tokio::time::Instant;
 
 /// Where the AWS resources are.
@@ -60,8 +62,12 @@ impl Aws {
         aws_sdk_sqs::Client::new(&self.config)
     }
 
+    fn secrets(&self) -> Arc<dyn SecretStore> {
+        Arc::new(SecretResolver::new(&self.config))
+    }
+
     fn registry(&self) -> TableRegistry {
-        TableRegistry::new(self.store.clone(), SecretResolver::new(&self.config))
+        TableRegistry::new(self.store.clone())
     }
 
     /// `relink local-stack create`: the table and queues as the template defines them.
@@ -146,7 +152,7 @@ impl Aws {
         event.run_id = Some(run_id.unwrap_or_else(|| ulid::Ulid::new().to_string()));
         event.validate()?;
         let sqs = self.sqs();
-        let url = relink_shared::aws::sqs::queue_url(&sqs, &self.names.queue(stage)).await?;
+        let url = relink_aws::sqs::queue_url(&sqs, &self.names.queue(stage)).await?;
         SqsQueue::new(sqs, HashMap::from([(stage, url)]))
             .send(&event)
             .await?;
@@ -166,15 +172,15 @@ impl Aws {
     pub async fn watch(&self, json: bool) -> Result<u8> {
         let sqs = self.sqs();
         let url =
-            relink_shared::aws::sqs::queue_url(&sqs, &self.names.queue(Stage::DetectMismatch))
-                .await?;
+            relink_aws::sqs::queue_url(&sqs, &self.names.queue(Stage::DetectMismatch)).await?;
         let queue = SqsQueue::new(sqs, HashMap::from([(Stage::DetectMismatch, url)]));
         let http = Arc::new(Http::new(RetryPolicy::default(), Arc::new(TracingSink))?);
-        let watcher = relink_shared::watch::Watcher::new(
+        let watcher = relink_aws::watch::Watcher::new(
             Arc::new(self.registry()),
             Arc::new(self.store.clone()),
             Arc::new(queue),
             http,
+            self.secrets(),
         );
         let report = watcher.poll().await?;
         if json {
@@ -201,9 +207,9 @@ impl Aws {
 
     /// `relink confirm` against the table.
     pub async fn confirm(&self, run_id: &str, sink: Arc<dyn ProgressSink>) -> Result<Run> {
-        let registry = self.registry().registry().await?;
+        let registry = self.registry();
         let http = Arc::new(Http::new(RetryPolicy::default(), sink.clone())?);
-        let connector = HttpConnector::new(http);
+        let connector = HttpConnector::new(http, self.secrets());
         let queue = MemQueue::default();
         let engine = Engine {
             registry: &registry,
@@ -212,6 +218,7 @@ impl Aws {
             connector: &connector,
             reset: &ManualReset,
             sink: sink.as_ref(),
+            liveness: &ProcessLiveness,
             owner: local_owner(),
             lease: Duration::from_secs(60),
             handover_grace: HANDOVER_GRACE,
@@ -226,10 +233,10 @@ impl Aws {
         let queue = Arc::new(SqsQueue::by_names(sqs.clone(), &self.names).await?);
         let registry: Arc<dyn RegistrySource> = Arc::new(self.registry());
         let sink: Arc<dyn ProgressSink> = Arc::new(TracingSink);
-        let connector = Arc::new(HttpConnector::new(Arc::new(Http::new(
-            RetryPolicy::default(),
-            sink.clone(),
-        )?)));
+        let connector = Arc::new(HttpConnector::new(
+            Arc::new(Http::new(RetryPolicy::default(), sink.clone())?),
+            self.secrets(),
+        ));
         let busy = Arc::new(AtomicUsize::new(0));
         let last_work = Arc::new(std::sync::Mutex::new(Instant::now()));
         let mut pollers = tokio::task::JoinSet::new();
@@ -242,6 +249,7 @@ impl Aws {
                 registry: registry.clone(),
                 reset: Arc::new(ManualReset),
                 sink: sink.clone(),
+                liveness: Arc::new(ProcessLiveness),
                 owner_prefix: local_owner().0,
                 lease: opts.visibility,
                 handover_grace: HANDOVER_GRACE,
@@ -343,7 +351,7 @@ impl Poller {
             let messages = match received {
                 Ok(out) => out.messages.unwrap_or_default(),
                 Err(e) => {
-                    tracing::warn!(error = %relink_shared::aws::sdk_error(&e), queue = %self.url, "receive failed; retrying");
+                    tracing::warn!(error = %relink_aws::sdk_error(&e), queue = %self.url, "receive failed; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
@@ -410,9 +418,9 @@ impl Poller {
                 .send()
                 .await
                 .map_err(|e| {
-                    Error::Store(format!(
+                    Error::store(format!(
                         "SQS DeleteMessageBatch: {}",
-                        relink_shared::aws::sdk_error(&e)
+                        relink_aws::sdk_error(&e)
                     ))
                 })?;
         }

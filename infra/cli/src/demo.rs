@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use relink_shared::model::RunStatus;
-use relink_shared::ports::ProgressStore;
-use relink_shared::registry::Registry;
-use relink_shared::{Error, Result};
+use relink_core::model::RunStatus;
+use relink_core::ports::ProgressStore;
+use relink_core::registry::Registry;
+use relink_core::{Error, Result};
 use relink_sim::{AppSeed, Faults, FnoSeed, OrgSeed, Seed, Sim};
 
 use crate::display::{self, Display};

@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use relink_shared::model::{Run, Stage};
-use relink_shared::progress::{Progress, ProgressSink};
+use relink_core::model::{Run, Stage};
+use relink_core::progress::{Progress, ProgressSink};
 use serde_json::{Value, json};
 
 /// Progress for operators: indicatif spinners on a terminal, plain lines when piped.

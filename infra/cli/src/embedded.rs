@@ -6,17 +6,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use relink_shared::event::StageEvent;
-use relink_shared::http::{Http, HttpConnector, RetryPolicy};
-use relink_shared::model::{Run, RunOptions, RunStatus, Stage, StageStatus, Trigger};
-use relink_shared::pipeline::{Engine, local_owner, owner_is_gone};
-use relink_shared::ports::{ProgressStore, StageQueue};
-use relink_shared::progress::ProgressSink;
-use relink_shared::queue_mem::MemQueue;
-use relink_shared::registry::Registry;
-use relink_shared::stages::ManualReset;
-use relink_shared::store_sqlite::SqliteStore;
-use relink_shared::{Error, Result};
+use relink_core::event::StageEvent;
+use relink_core::model::{Run, RunOptions, RunStatus, Stage, StageStatus, Trigger};
+use relink_core::pipeline::Engine;
+use relink_core::ports::{ProgressStore, StageQueue};
+use relink_core::progress::ProgressSink;
+use relink_core::registry::Registry;
+use relink_core::stages::ManualReset;
+use relink_core::{Error, Result};
+use relink_dynamics::{Http, HttpConnector, RetryPolicy};
+use relink_embedded::EnvSecrets;
+use relink_embedded::MemQueue;
+use relink_embedded::SqliteStore;
+use relink_embedded::liveness::{ProcessLiveness, local_owner, owner_is_gone};
 
 use crate::display::{self, Display};
 
@@ -49,7 +51,7 @@ impl Embedded {
             registry,
             store,
             sink,
-            connector: HttpConnector::new(http),
+            connector: HttpConnector::new(http, Arc::new(EnvSecrets)),
         })
     }
 
@@ -61,6 +63,7 @@ impl Embedded {
             connector: &self.connector,
             reset: &ManualReset,
             sink: self.sink.as_ref(),
+            liveness: &ProcessLiveness,
             owner: local_owner(),
             lease: LEASE,
             handover_grace: LEASE,

@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use relink_shared::Error;
-use relink_shared::model::{Run, RunOptions, RunStatus, Stage};
+use relink_core::Error;
+use relink_core::model::{Run, RunOptions, RunStatus, Stage};
 
-/// Exit codes (ARCHITECTURE.md): 0 succeeded or skipped, 1 failed, 2 usage or configuration
+/// Exit codes (docs/architecture.md): 0 succeeded or skipped, 1 failed, 2 usage or configuration
 /// error, 3 awaiting confirmation, 4 refused by a guard.
 pub mod exit {
     pub const OK: u8 = 0;
@@ -275,7 +275,7 @@ async fn aws_dispatch(
     aws: aws_mode::Aws,
     command: Command,
     config: &std::path::Path,
-) -> relink_shared::Result<u8> {
+) -> relink_core::Result<u8> {
     match command {
         Command::Worker {
             batch_size,

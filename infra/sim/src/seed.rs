@@ -1,0 +1,243 @@
+//! The simulators' public knobs: what can be seeded (apps, organisations, F&O environments,
+//! LCS history, Power Platform operations), the injectable faults, Dataverse's protection limits,
+//! and what tests can read back (request log, snapshot).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// An app registration the token endpoint accepts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppSeed {
+    pub client_id: String,
+    pub client_secret: String,
+}
+
+/// A Dataverse organisation to create (replacing one of the same name).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrgSeed {
+    /// Path segment: the organisation is served at `{base}/dataverse/{name}`.
+    pub name: String,
+    pub unique_name: String,
+    #[serde(default)]
+    pub organization_id: Option<uuid::Uuid>,
+    #[serde(default)]
+    pub friendly_name: Option<String>,
+    /// Name of the simulated F&O environment this organisation reports it is integrated with.
+    #[serde(default)]
+    pub integrated_fno: Option<String>,
+    /// Rows of `msdyn_dualwriteruntimeconfig` to create.
+    #[serde(default)]
+    pub runtime_configs: usize,
+}
+
+/// An F&O environment to create (replacing one of the same name).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FnoSeed {
+    /// Path segment: the environment is served at `{base}/fno/{name}`.
+    pub name: String,
+    /// The organisation a Reset links this environment to.
+    pub linked_organization: String,
+    /// The organisation the seeded project configurations point at (the stale link); default: linked.
+    #[serde(default)]
+    pub points_at: Option<String>,
+    #[serde(default)]
+    pub project_configs: usize,
+    #[serde(default)]
+    pub field_configs: usize,
+    #[serde(default)]
+    pub business_events: usize,
+    /// Path of the customer purge service, e.g. `/api/services/RelinkServices/RelinkPurgeService/purge`.
+    #[serde(default)]
+    pub purge_service_path: Option<String>,
+    /// Project configurations the simulated Reset recreates (default 3).
+    #[serde(default)]
+    pub reset_project_configs: Option<usize>,
+}
+
+/// LCS environment history entries of one project environment, newest first.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LcsHistorySeed {
+    pub project_id: String,
+    pub environment_id: String,
+    /// Entries in LCS's shape (`Name`, `Type`, `Status`, `ActivityId`, `EndDateTimeUtc`, ...).
+    pub entries: Vec<Value>,
+}
+
+/// Power Platform operations of one environment.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PowerPlatformSeed {
+    pub environment_id: String,
+    pub operations: Vec<Value>,
+}
+
+/// Seed data; each list replaces objects of the same name.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Seed {
+    #[serde(default)]
+    pub apps: Vec<AppSeed>,
+    #[serde(default)]
+    pub organizations: Vec<OrgSeed>,
+    #[serde(default)]
+    pub fno_environments: Vec<FnoSeed>,
+    /// Bearer tokens LCS accepts (LCS takes delegated user tokens, which the simulator does not mint).
+    #[serde(default)]
+    pub lcs_tokens: Vec<String>,
+    #[serde(default)]
+    pub lcs_history: Vec<LcsHistorySeed>,
+    #[serde(default)]
+    pub power_platform: Vec<PowerPlatformSeed>,
+}
+
+/// Dataverse's service protection limits (per client, per organisation, sliding window).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Protection {
+    pub requests: usize,
+    pub execution_ms: u64,
+    pub window_ms: u64,
+    pub concurrent: usize,
+}
+
+impl Default for Protection {
+    /// Dataverse's documented limits: 6,000 requests and 1,200 s per 300 s, 52 concurrent.
+    fn default() -> Self {
+        Protection {
+            requests: 6000,
+            execution_ms: 1_200_000,
+            window_ms: 300_000,
+            concurrent: 52,
+        }
+    }
+}
+
+impl Protection {
+    /// The documented limits with the window (and the budgets in it) shrunk by `factor`.
+    pub fn scaled(factor: u64) -> Protection {
+        let d = Protection::default();
+        let f = factor.max(1);
+        Protection {
+            requests: (d.requests as u64 / f).max(1) as usize,
+            execution_ms: d.execution_ms / f,
+            window_ms: d.window_ms / f,
+            concurrent: d.concurrent,
+        }
+    }
+}
+
+/// Injected faults. Latency, 429 and 5xx rates apply to Dataverse, F&O, LCS and Power Platform
+/// requests (not the token endpoint); the `lcs_*` knobs to LCS only.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Faults {
+    /// Added to every Dataverse / F&O request.
+    pub latency_ms: u64,
+    /// Added per operation inside a `$batch` (and per single delete); counts as execution time.
+    pub per_op_latency_ms: u64,
+    /// Fraction of requests answered 429 (every simulated service but the token endpoint).
+    pub rate_429: f64,
+    /// `Retry-After` seconds on injected 429s.
+    pub retry_after_secs: u64,
+    /// Fraction of requests answered 503.
+    pub rate_5xx: f64,
+    /// Service protection limits on Dataverse, if enforced.
+    pub protection: Option<Protection>,
+    /// Lifetime of issued tokens.
+    pub token_lifetime_secs: u64,
+    /// Seed for the fault dice, for reproducible runs (random when absent).
+    pub rng_seed: Option<u64>,
+    /// The next N LCS requests are answered 429 with `Retry-After: 1`.
+    pub lcs_throttle_next: u32,
+    /// LCS answers `IsSuccess: false` (an outage of the source).
+    pub lcs_failing: bool,
+    /// Bursts of 5xx: after every `burst_5xx_every` Dataverse / F&O requests answered, the next
+    /// `burst_5xx_len` are answered 503 (0: no bursts).
+    pub burst_5xx_every: u32,
+    pub burst_5xx_len: u32,
+    /// The token endpoint answers 503 `temporarily_unavailable` for this long after the faults are set.
+    pub token_outage_ms: u64,
+    /// Tokens stop being accepted this many seconds after issue, whatever `expires_in` said (a
+    /// token that expires or is revoked mid-run).
+    pub tokens_revoked_after_secs: Option<u64>,
+    /// The next Dataverse `$batch` of more operations than this applies only its first this-many
+    /// operations and then never answers (a crash in the middle of a delete batch). One-shot.
+    pub stall_batch_after_ops: Option<usize>,
+    /// While true, Dataverse `$batch` requests wait, unapplied and unanswered (a test holds a
+    /// stage in the middle of its deletes to order other events around it, instead of racing).
+    pub hold_batches: bool,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            latency_ms: 0,
+            per_op_latency_ms: 0,
+            rate_429: 0.0,
+            retry_after_secs: 1,
+            rate_5xx: 0.0,
+            protection: None,
+            token_lifetime_secs: 3599,
+            rng_seed: None,
+            lcs_throttle_next: 0,
+            lcs_failing: false,
+            burst_5xx_every: 0,
+            burst_5xx_len: 0,
+            token_outage_ms: 0,
+            tokens_revoked_after_secs: None,
+            stall_batch_after_ops: None,
+            hold_batches: false,
+        }
+    }
+}
+
+/// One request as the simulator saw it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// Milliseconds since the simulator started, at arrival.
+    pub at_ms: f64,
+    pub service: String,
+    pub method: String,
+    pub path: String,
+    /// Identifies "the same request" across retries (method, path, batch targets).
+    pub fingerprint: String,
+    pub status: u16,
+    pub retry_after_secs: Option<u64>,
+    /// Operations in a `$batch` (1 otherwise).
+    pub ops: usize,
+}
+
+/// Counters and table sizes, for tests and `GET /_sim/state`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub runtime_configs: BTreeMap<String, usize>,
+    pub project_configs: BTreeMap<String, usize>,
+    pub field_configs: BTreeMap<String, usize>,
+    pub business_events: BTreeMap<String, usize>,
+    pub requests: usize,
+    pub token_requests: usize,
+    pub batch_requests: BTreeMap<String, usize>,
+    pub page_reads: BTreeMap<String, usize>,
+    pub single_deletes: usize,
+    pub throttled: usize,
+    pub server_errors: usize,
+    /// Rows deleted, by `{service}/{container}`.
+    pub deleted: BTreeMap<String, usize>,
+    /// Keys that received more than one delete operation.
+    pub deleted_twice: Vec<String>,
+    /// Largest number of requests in flight at once.
+    pub max_in_flight: usize,
+    /// Requests answered 401 (missing, expired, revoked or wrong-audience tokens).
+    pub unauthorized: usize,
+    /// Token requests answered 503 during an injected outage.
+    pub token_outage_answers: usize,
+    /// `$batch` requests stalled part-way by `stall_batch_after_ops`.
+    pub stalled_batches: usize,
+    /// `$batch` requests that waited while `hold_batches` was set.
+    pub held_batches: usize,
+}

@@ -1,0 +1,479 @@
+//! The SQS batch handler every stage function runs (and `relink worker` runs the same way):
+//! each record is parsed on its own, in its own span; a retryable error becomes a batch item
+//! failure, a permanent one is recorded and the message acknowledged, so a poison message
+//! never blocks its batch or loops until the dead-letter queue.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
+use futures::future::BoxFuture;
+use jiff::Timestamp;
+use lambda_runtime::{Context, LambdaEvent};
+use tracing::Instrument;
+
+use crate::registry::TableRegistry;
+use crate::secrets::SecretResolver;
+use crate::sqs::SqsQueue;
+use relink_core::error::{Error, Result};
+use relink_core::event::StageEvent;
+use relink_core::model::Stage;
+use relink_core::pipeline::Engine;
+use relink_core::ports::{
+    Connector, LeaseOwner, LeasesOnly, Liveness, ProgressStore, RegistrySource, Rejected,
+    ResetDriver, StageQueue,
+};
+use relink_core::progress::{ProgressSink, TracingSink};
+use relink_core::stages::ManualReset;
+use relink_dynamics::{Http, HttpConnector, RetryPolicy};
+
+/// What a stage function is built from, once, at init.
+pub struct FunctionDeps {
+    /// The stage this function (or worker poller) runs.
+    pub stage: Stage,
+    pub store: Arc<dyn ProgressStore>,
+    pub queue: Arc<dyn StageQueue>,
+    pub connector: Arc<dyn Connector>,
+    pub registry: Arc<dyn RegistrySource>,
+    pub reset: Arc<dyn ResetDriver>,
+    pub sink: Arc<dyn ProgressSink>,
+    /// Whether a lease holder is known dead: nothing in Lambda, the process table in a worker.
+    pub liveness: Arc<dyn Liveness>,
+    /// Prefix of lease owners: `lambda` in Lambda, this process (`pid:..`) in a worker, so a
+    /// restarted worker can tell that a dead one's lease is void.
+    pub owner_prefix: String,
+    /// Longest lease (cut at the invocation's deadline).
+    pub lease: Duration,
+    /// How long a run keeps its environment between two stages.
+    pub handover_grace: Duration,
+}
+
+/// What became of one record.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// Done (or a duplicate): delete the message.
+    Done,
+    /// Permanent failure, recorded: delete the message.
+    Rejected,
+    /// Retryable: report as a batch item failure.
+    Retry,
+}
+
+/// Handles an SQS batch: the Lambda handler of every stage function.
+pub async fn handle_batch(
+    deps: &FunctionDeps,
+    event: LambdaEvent<SqsEvent>,
+) -> Result<SqsBatchResponse, lambda_runtime::Error> {
+    let (event, ctx) = event.into_parts();
+    let mut response = SqsBatchResponse::default();
+    for record in &event.records {
+        let message_id = record.message_id.clone().unwrap_or_default();
+        let span = tracing::info_span!("record", message_id = %message_id, stage = %deps.stage, run_id = tracing::field::Empty, environment_id = tracing::field::Empty);
+        if handle_record(deps, &ctx, record).instrument(span).await == Disposition::Retry {
+            let mut failure = BatchItemFailure::default();
+            failure.item_identifier = message_id;
+            response.batch_item_failures.push(failure);
+        }
+    }
+    Ok(response)
+}
+
+/// Handles one record; never fails the batch.
+pub async fn handle_record(deps: &FunctionDeps, ctx: &Context, record: &SqsMessage) -> Disposition {
+    let message_id = record.message_id.clone().unwrap_or_default();
+    let body = record.body.as_deref().unwrap_or_default();
+    let mut event = match StageEvent::parse(body) {
+        Ok(ev) => ev,
+        Err(e) => return reject(deps, &message_id, body.len(), &e, None).await,
+    };
+    if event.run_id.is_none() {
+        // Every delivery of one message must be the same run, not a new one each time.
+        event.run_id = run_id_for_message(record);
+    }
+    let span = tracing::Span::current();
+    span.record("environment_id", event.environment_id.as_str());
+    if let Some(r) = &event.run_id {
+        span.record("run_id", r.as_str());
+    }
+    if event.stage != deps.stage {
+        let e = Error::BadEvent(format!(
+            "field `stage` is {}, but this is the {} queue",
+            event.stage, deps.stage
+        ));
+        return reject(deps, &message_id, body.len(), &e, Some(&event)).await;
+    }
+    let engine = Engine {
+        registry: deps.registry.as_ref(),
+        store: deps.store.as_ref(),
+        queue: deps.queue.as_ref(),
+        connector: deps.connector.as_ref(),
+        reset: deps.reset.as_ref(),
+        sink: deps.sink.as_ref(),
+        liveness: deps.liveness.as_ref(),
+        owner: LeaseOwner(format!("{}#{}", deps.owner_prefix, ulid::Ulid::new())),
+        lease: deps.lease,
+        handover_grace: deps.handover_grace,
+        deadline: (ctx.deadline > 0)
+            .then(|| Timestamp::from_millisecond(ctx.deadline as i64).ok())
+            .flatten(),
+    };
+    match engine.handle(&event).await {
+        Ok(h) => {
+            tracing::info!(run_id = %h.run.run_id, status = %h.run.status, duplicate = h.duplicate, next = ?h.next.as_ref().map(|e| e.stage), "record handled");
+            Disposition::Done
+        }
+        Err(e) if e.is_retryable() => {
+            tracing::warn!(error = %e, "retryable failure; the message will be delivered again");
+            Disposition::Retry
+        }
+        Err(e) => reject(deps, &message_id, body.len(), &e, Some(&event)).await,
+    }
+}
+
+/// The run a message without `run_id` starts: a ULID from the message's `SentTimestamp` and a
+/// hash of its message id, so a redelivered message (at-least-once, or a visibility timeout
+/// that lapsed mid-batch) finds the run its first delivery created instead of minting another.
+/// `None` (a fresh id) if SQS did not say when the message was sent.
+fn run_id_for_message(record: &SqsMessage) -> Option<String> {
+    use sha2::Digest;
+    let sent: u64 = record.attributes.get("SentTimestamp")?.parse().ok()?;
+    let digest = sha2::Sha256::digest(record.message_id.as_deref()?.as_bytes());
+    let random = digest[..10]
+        .iter()
+        .fold(0u128, |acc, b| (acc << 8) | u128::from(*b));
+    Some(ulid::Ulid::from_parts(sent, random).to_string())
+}
+
+/// Records a permanent failure so the message can be acknowledged without being lost.
+async fn reject(
+    deps: &FunctionDeps,
+    message_id: &str,
+    body_bytes: usize,
+    error: &Error,
+    event: Option<&StageEvent>,
+) -> Disposition {
+    tracing::error!(error = %error, "message rejected");
+    let rejected = Rejected {
+        message_id: message_id.to_string(),
+        received_at: Timestamp::now(),
+        error: error.to_string(),
+        body_bytes,
+        environment_id: event.map(|e| e.environment_id.clone()),
+        run_id: event.and_then(|e| e.run_id.clone()),
+    };
+    match deps.store.record_rejected(&rejected).await {
+        Ok(()) => Disposition::Rejected,
+        // Losing the record would lose the message: let SQS deliver it again.
+        Err(e) => {
+            tracing::error!(error = %e, "could not record the rejected message; it will be retried");
+            Disposition::Retry
+        }
+    }
+}
+
+/// JSON log lines (Lambda's JSON log format) carrying the record span's `run_id`,
+/// `environment_id`, `stage` and `message_id`. One level for everything, from `RUST_LOG` or
+/// `AWS_LAMBDA_LOG_LEVEL` (`trace`..`error`, default `info`): per-module filters would bring
+/// regex engines into every function binary (docs/BENCHMARKS.md, binary size).
+pub fn init_tracing() {
+    let level = std::env::var("RUST_LOG")
+        .or_else(|_| std::env::var("AWS_LAMBDA_LOG_LEVEL"))
+        .ok()
+        .and_then(|l| l.trim().to_lowercase().parse().ok())
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
+    tracing_subscriber::fmt()
+        .json()
+        .with_max_level(level)
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_span_list(false)
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+impl FunctionDeps {
+    /// Builds a stage function's clients once, from its environment: `RELINK_TABLE` and, for every
+    /// stage but the last, `NEXT_QUEUE_URL` (the only queue the function may send to).
+    pub async fn from_env(stage: Stage) -> Result<FunctionDeps> {
+        let (config, store) = crate::function_base().await?;
+        let mut urls = HashMap::new();
+        if let Some(next) = stage.next() {
+            urls.insert(next, crate::env_var("NEXT_QUEUE_URL")?);
+        }
+        let sink: Arc<dyn ProgressSink> = Arc::new(TracingSink);
+        let http = Arc::new(Http::new(RetryPolicy::default(), sink.clone())?);
+        Ok(FunctionDeps {
+            stage,
+            registry: Arc::new(TableRegistry::new(store.clone())),
+            store: Arc::new(store),
+            queue: Arc::new(SqsQueue::new(aws_sdk_sqs::Client::new(&config), urls)),
+            connector: Arc::new(HttpConnector::new(
+                http,
+                Arc::new(SecretResolver::new(&config)),
+            )),
+            reset: Arc::new(ManualReset),
+            sink,
+            liveness: Arc::new(LeasesOnly),
+            owner_prefix: "lambda".into(),
+            lease: crate::function_timeout(stage),
+            handover_grace: HANDOVER_GRACE,
+        })
+    }
+}
+
+/// How long a run keeps its environment while the next stage's event is in flight.
+pub const HANDOVER_GRACE: Duration = Duration::from_secs(900);
+
+/// What a function builds at start-up (SDK configuration, clients, TLS trust stores, then the
+/// registry with its DynamoDB and Secrets Manager connections), built on a background task from
+/// the moment the process starts. The runtime polls for its first event at once instead of
+/// after all of that (the cold start in docs/BENCHMARKS.md); each invocation awaits it, and it
+/// is normally ready by the time the event arrives. If building fails, the invocation reports
+/// the error and the next one tries again.
+///
+/// `RELINK_SETUP=lazy` builds on the first invocation instead: the runtime's first poll comes
+/// sooner still (nothing competes with it for the CPU), but the first event then waits for the
+/// whole set-up and its TLS handshakes. docs/BENCHMARKS.md measures both.
+pub struct Deferred<T> {
+    cell: tokio::sync::OnceCell<T>,
+    make: Box<dyn Fn() -> BoxFuture<'static, Result<T>> + Send + Sync>,
+}
+
+impl<T: Send + Sync + 'static> Deferred<T> {
+    /// Starts building at once, in the background.
+    pub fn start(
+        make: impl Fn() -> BoxFuture<'static, Result<T>> + Send + Sync + 'static,
+    ) -> Arc<Deferred<T>> {
+        let deferred = Arc::new(Deferred {
+            cell: tokio::sync::OnceCell::new(),
+            make: Box::new(make),
+        });
+        if std::env::var("RELINK_SETUP").as_deref() != Ok("lazy") {
+            let background = deferred.clone();
+            tokio::spawn(async move {
+                if let Err(e) = background.get().await {
+                    tracing::error!(error = %e, "start-up failed; the next invocation tries again");
+                }
+            });
+        }
+        deferred
+    }
+
+    /// The built value, waiting for the build in progress (or starting another after a failure).
+    pub async fn get(&self) -> Result<&T> {
+        self.cell.get_or_try_init(|| (self.make)()).await
+    }
+}
+
+/// The whole `main` of every function: JSON logs, the set-up started (see [`Deferred`]), then
+/// the Lambda runtime loop, each invocation handled by `handler` with the built dependencies.
+pub async fn serve<D, E, R>(
+    build: impl Fn() -> BoxFuture<'static, Result<D>> + Send + Sync + 'static,
+    handler: impl for<'a> Fn(&'a D, LambdaEvent<E>) -> BoxFuture<'a, Result<R, lambda_runtime::Error>>
+    + Send
+    + Sync
+    + 'static,
+) -> Result<(), lambda_runtime::Error>
+where
+    D: Send + Sync + 'static,
+    E: serde::de::DeserializeOwned + Send + 'static,
+    R: serde::Serialize + Send + 'static,
+{
+    init_tracing();
+    let handler = Arc::new(handler);
+    if std::env::var("RELINK_SETUP").as_deref() == Ok("main") {
+        let deps = Arc::new(build().await?);
+        return lambda_runtime::run(lambda_runtime::service_fn(move |event: LambdaEvent<E>| {
+            let (deps, handler) = (deps.clone(), handler.clone());
+            async move { handler(&deps, event).await }
+        }))
+        .await;
+    }
+    let deps = Deferred::start(build);
+    lambda_runtime::run(lambda_runtime::service_fn(move |event: LambdaEvent<E>| {
+        let (deps, handler) = (deps.clone(), handler.clone());
+        async move { handler(deps.get().await?, event).await }
+    }))
+    .await
+}
+
+/// The `main` of a stage function.
+pub async fn run_function(stage: Stage) -> Result<(), lambda_runtime::Error> {
+    serve(
+        move || Box::pin(async move { FunctionDeps::from_env(stage).await }),
+        |deps, event| Box::pin(handle_batch(deps, event)),
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    //! The handler on JSON fixtures shaped like Lambda's SQS events, with `Context::default()`,
+    //! the SQLite store in memory and in-memory Dynamics fakes.
+
+    use std::sync::Arc;
+
+    use super::*;
+    use relink_core::fakes::{self, FakeConnector};
+    use relink_core::model::RunStatus;
+    use relink_core::ports::StaticRegistry;
+    use relink_embedded::queue::MemQueue;
+    use relink_embedded::sqlite::SqliteStore;
+
+    struct Harness {
+        deps: FunctionDeps,
+        store: Arc<SqliteStore>,
+        queue: Arc<MemQueue>,
+    }
+
+    fn harness(stage: Stage, stale: bool) -> Harness {
+        let store = Arc::new(SqliteStore::in_memory().unwrap());
+        let queue = Arc::new(MemQueue::default());
+        let fno_urls: &[&str] = if stale {
+            &["https://prod.crm.dynamics.com"]
+        } else {
+            &[fakes::DV]
+        };
+        let connector = FakeConnector {
+            dataverse: Arc::new(fakes::dataverse(7)),
+            fno: Arc::new(fakes::fno(fno_urls)),
+        };
+        let deps = FunctionDeps {
+            stage,
+            store: store.clone(),
+            queue: queue.clone(),
+            connector: Arc::new(connector),
+            registry: Arc::new(StaticRegistry(Arc::new(fakes::registry()))),
+            reset: Arc::new(ManualReset),
+            sink: Arc::new(TracingSink),
+            liveness: Arc::new(LeasesOnly),
+            owner_prefix: "test".into(),
+            lease: Duration::from_secs(30),
+            handover_grace: Duration::from_secs(30),
+        };
+        Harness { deps, store, queue }
+    }
+
+    fn fixture(name: &str) -> LambdaEvent<SqsEvent> {
+        let text = match name {
+            "mixed" => include_str!("../fixtures/sqs-mixed-batch.json"),
+            "stale" => include_str!("../fixtures/sqs-single-stale.json"),
+            _ => unreachable!(),
+        };
+        LambdaEvent::new(
+            serde_json::from_str(text).expect("fixture parses as SqsEvent"),
+            Context::default(),
+        )
+    }
+
+    #[tokio::test]
+    async fn poison_records_are_recorded_and_acknowledged_while_good_ones_run() {
+        let h = harness(Stage::DetectMismatch, false);
+        let resp = handle_batch(&h.deps, fixture("mixed")).await.unwrap();
+        assert!(
+            resp.batch_item_failures.is_empty(),
+            "nothing is retried: {:?}",
+            resp.batch_item_failures
+        );
+        let rejected = h.store.rejected(10).await.unwrap();
+        let mut ids: Vec<_> = rejected.iter().map(|r| r.message_id.as_str()).collect();
+        ids.sort();
+        assert_eq!(
+            ids,
+            [
+                "11111111-aaaa-4000-8000-000000000002",
+                "11111111-aaaa-4000-8000-000000000003",
+                "11111111-aaaa-4000-8000-000000000004"
+            ]
+        );
+        assert!(rejected.iter().all(|r| !r.error.is_empty()));
+        // The good record found a clean link and skipped its run.
+        let run = h.store.latest_run("uat").await.unwrap().unwrap();
+        assert_eq!(run.status, RunStatus::Skipped);
+    }
+
+    #[tokio::test]
+    async fn a_stale_link_moves_on_to_the_next_queue() {
+        let h = harness(Stage::DetectMismatch, true);
+        let resp = handle_batch(&h.deps, fixture("stale")).await.unwrap();
+        assert!(resp.batch_item_failures.is_empty());
+        let next = h.queue.pop().expect("the purge-keys event was sent");
+        assert_eq!(next.stage, Stage::PurgeKeys);
+        assert_eq!(next.run_id.as_deref(), Some("01JDQ4N9Z3W8B7C6X5V4T3S2R1"));
+        // The same delivery again does nothing twice.
+        let resp = handle_batch(&h.deps, fixture("stale")).await.unwrap();
+        assert!(resp.batch_item_failures.is_empty());
+        let run = h
+            .store
+            .get_run("01JDQ4N9Z3W8B7C6X5V4T3S2R1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(run.stage(Stage::DetectMismatch).attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn a_redelivered_message_without_run_id_is_the_same_run() {
+        let h = harness(Stage::DetectMismatch, false);
+        let mut event = fixture("stale");
+        event.payload.records[0].body = Some(r#"{"environment_id":"uat"}"#.into());
+        handle_batch(&h.deps, event.clone()).await.unwrap();
+        handle_batch(&h.deps, event).await.unwrap();
+        let runs = h.store.recent_runs(10).await.unwrap();
+        assert_eq!(runs.len(), 1, "{runs:?}");
+        assert_eq!(runs[0].stage(Stage::DetectMismatch).attempts, 1);
+        // The id sorts by the message's SentTimestamp.
+        let id = ulid::Ulid::from_string(&runs[0].run_id).unwrap();
+        assert_eq!(id.timestamp_ms(), 1_764_133_200_000);
+    }
+
+    #[tokio::test]
+    async fn a_lock_held_by_another_run_becomes_a_batch_item_failure() {
+        let h = harness(Stage::DetectMismatch, true);
+        h.store
+            .acquire_lock(
+                "uat",
+                "01JDQ4N9Z3W8B7C6X5V4T3S2R0",
+                &LeaseOwner("other".into()),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        let resp = handle_batch(&h.deps, fixture("stale")).await.unwrap();
+        let failed: Vec<_> = resp
+            .batch_item_failures
+            .iter()
+            .map(|f| f.item_identifier.as_str())
+            .collect();
+        assert_eq!(failed, ["22222222-bbbb-4000-8000-000000000001"]);
+        let run = h
+            .store
+            .get_run("01JDQ4N9Z3W8B7C6X5V4T3S2R1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            run.stage(Stage::DetectMismatch)
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("01JDQ4N9Z3W8B7C6X5V4T3S2R0")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_event_on_the_wrong_queue_is_rejected() {
+        let h = harness(Stage::PurgeKeys, true);
+        let resp = handle_batch(&h.deps, fixture("stale")).await.unwrap();
+        assert!(resp.batch_item_failures.is_empty());
+        let rejected = h.store.rejected(10).await.unwrap();
+        assert!(
+            rejected[0].error.contains("purge-keys queue"),
+            "{rejected:?}"
+        );
+        assert!(h.queue.pop().is_none());
+    }
+}

@@ -1,0 +1,401 @@
+//! The restore watcher (`watch-restores`, on a schedule): for each registered environment with a
+//! `watch` section, reads LCS environment history and/or Power Platform operations, and queues
+//! one run per completed restore-type operation newer than the last one seen. Entries are read
+//! with the notification parser, so "completed restore" means the same thing on both paths, and
+//! runs are deduplicated by operation id exactly like notifications. A source that fails keeps
+//! its cursor, so nothing is skipped; LCS's limit (6 calls per environment per 30 s) is kept
+//! here and its 429s wait for `Retry-After`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use relink_core::error::{Error, Result};
+use relink_core::notify::{self, Parsed};
+use relink_core::ports::RegistrySource;
+use relink_core::ports::{ProgressStore, SecretStore, StageQueue, TokenSource};
+use relink_core::registry::{EnvConfig, LcsWatch, join};
+use relink_core::trigger::{Started, start_run};
+use relink_dynamics::token::{ClientSecret, EntraTokens};
+use relink_dynamics::{Http, Service};
+
+const LCS: Service = Service {
+    name: "LCS",
+    auth_hint: "LCS accepts only delegated (user) tokens: refresh the token held in watch.lcs_token (e.g. with d365fo.tools Get-D365LcsApiToken) and check the user can see the project",
+};
+const POWER_PLATFORM: Service = Service {
+    name: "Power Platform",
+    auth_hint: "check that the app registration is registered as a Power Platform management application (New-PowerAppManagementApp) in this tenant",
+};
+/// LCS allows 6 calls per environment per 30 seconds.
+const LCS_CALLS: usize = 6;
+const LCS_WINDOW: Duration = Duration::from_secs(30);
+/// Pages read per environment and poll at most (LCS history is newest first).
+const MAX_LCS_PAGES: u32 = 20;
+
+/// What one poll did.
+#[derive(Debug, Default, Serialize)]
+pub struct WatchReport {
+    /// Runs queued: environment, run id, operation id.
+    pub started: Vec<(String, String, String)>,
+    /// Operations seen before (their run exists).
+    pub already_seen: usize,
+    /// Sources that failed this time: environment, source, error. Their cursors did not move.
+    pub errors: Vec<(String, String, String)>,
+}
+
+/// The watcher's clients and state, built once.
+pub struct Watcher {
+    pub registry: Arc<dyn RegistrySource>,
+    pub store: Arc<dyn ProgressStore>,
+    /// Sends to the detect-mismatch queue.
+    pub queue: Arc<dyn StageQueue>,
+    pub http: Arc<Http>,
+    /// Where the client secrets and LCS tokens the entries name are read from.
+    pub secrets: Arc<dyn SecretStore>,
+    lcs_calls: Mutex<HashMap<String, VecDeque<Instant>>>,
+    /// Power Platform token sources by environment, kept across polls so a token is reused
+    /// until it expires (rebuilt when the entry changes: keyed by its fingerprint).
+    pp_tokens: Mutex<HashMap<String, (String, Arc<EntraTokens>)>>,
+}
+
+/// Reads a time LCS or Power Platform wrote: RFC 3339, or a UTC date-time without offset.
+fn parse_time(v: Option<&Value>) -> Option<Timestamp> {
+    let s = v?.as_str()?;
+    s.parse::<Timestamp>().ok().or_else(|| {
+        s.parse::<jiff::civil::DateTime>()
+            .ok()?
+            .to_zoned(jiff::tz::TimeZone::UTC)
+            .ok()
+            .map(|z| z.timestamp())
+    })
+}
+
+impl Watcher {
+    /// A watcher over the given adapters.
+    pub fn new(
+        registry: Arc<dyn RegistrySource>,
+        store: Arc<dyn ProgressStore>,
+        queue: Arc<dyn StageQueue>,
+        http: Arc<Http>,
+        secrets: Arc<dyn SecretStore>,
+    ) -> Watcher {
+        Watcher {
+            registry,
+            store,
+            queue,
+            http,
+            secrets,
+            lcs_calls: Mutex::new(HashMap::new()),
+            pp_tokens: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Polls every watched environment once.
+    pub async fn poll(&self) -> Result<WatchReport> {
+        let registry = self.registry.registry().await?;
+        let mut report = WatchReport::default();
+        for env in registry.iter() {
+            let Some(watch) = &env.watch else { continue };
+            if let Some(lcs) = &watch.lcs
+                && let Err(e) = self
+                    .poll_source(
+                        env,
+                        "lcs",
+                        watch.lookback,
+                        &mut report,
+                        self.lcs_entries(lcs),
+                    )
+                    .await
+            {
+                tracing::warn!(environment_id = %env.id, error = %e, "LCS history could not be read; will try again next poll");
+                report
+                    .errors
+                    .push((env.id.clone(), "lcs".into(), e.to_string()));
+            }
+            if let Some(api) = &watch.power_platform
+                && let Err(e) = self
+                    .poll_source(
+                        env,
+                        "power-platform",
+                        watch.lookback,
+                        &mut report,
+                        self.power_platform_ops(env, api),
+                    )
+                    .await
+            {
+                tracing::warn!(environment_id = %env.id, error = %e, "Power Platform operations could not be read; will try again next poll");
+                report
+                    .errors
+                    .push((env.id.clone(), "power-platform".into(), e.to_string()));
+            }
+        }
+        Ok(report)
+    }
+
+    /// Starts a run for each completed restore newer than the source's cursor, then moves the
+    /// cursor to the newest completion seen. Fails without moving the cursor if reading fails.
+    async fn poll_source(
+        &self,
+        env: &EnvConfig,
+        source: &str,
+        lookback: Duration,
+        report: &mut WatchReport,
+        entries: impl Future<Output = Result<Vec<(Timestamp, Value)>>>,
+    ) -> Result<()> {
+        let key = format!("{}/{source}", env.id);
+        let now = Timestamp::now();
+        let cursor = match self.store.get_cursor(&key).await? {
+            Some(c) => c
+                .parse::<Timestamp>()
+                .map_err(|e| Error::store(format!("cursor {key}: {e}")))?,
+            None => now - lookback,
+        };
+        let mut newest = cursor;
+        for (completed, entry) in entries.await? {
+            if completed <= cursor {
+                continue;
+            }
+            newest = newest.max(completed);
+            let Ok(Parsed::Restore(notice)) = notify::parse(entry.to_string().as_bytes()) else {
+                continue;
+            };
+            match start_run(
+                self.store.as_ref(),
+                self.queue.as_ref(),
+                &env.id,
+                &notice,
+                now,
+            )
+            .await?
+            {
+                Started::New(run_id) => {
+                    tracing::info!(environment_id = %env.id, run_id = %run_id, operation_id = %notice.operation_id, source, "restore seen; run queued");
+                    report
+                        .started
+                        .push((env.id.clone(), run_id, notice.operation_id));
+                }
+                Started::Seen(_) => report.already_seen += 1,
+            }
+        }
+        if newest > cursor {
+            self.store.put_cursor(&key, &newest.to_string()).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for a slot in LCS's per-environment call window.
+    async fn lcs_slot(&self, environment_id: &str) {
+        loop {
+            let wait = {
+                let mut calls = self.lcs_calls.lock().await;
+                let q = calls
+                    .entry(environment_id.to_ascii_lowercase())
+                    .or_default();
+                let now = Instant::now();
+                while q
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) >= LCS_WINDOW)
+                {
+                    q.pop_front();
+                }
+                if q.len() < LCS_CALLS {
+                    q.push_back(now);
+                    return;
+                }
+                LCS_WINDOW - now.duration_since(*q.front().expect("full window"))
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Completed entries of LCS history (newest first), until the pages run out.
+    async fn lcs_entries(&self, lcs: &LcsWatch) -> Result<Vec<(Timestamp, Value)>> {
+        let token = match &lcs.token {
+            Some(token) => token.clone(),
+            None => self.secrets.secret(&lcs.token_source).await.map_err(|e| {
+                Error::Config(format!(
+                    "watch.lcs_token: {}",
+                    relink_core::error::chain(&e)
+                ))
+            })?,
+        };
+        let base = join(
+            &lcs.api,
+            &format!(
+                "environmentinfo/v1/history/project/{}/environment/{}/",
+                lcs.project_id, lcs.environment_id
+            ),
+        );
+        let mut out = Vec::new();
+        for page in 1..=MAX_LCS_PAGES {
+            self.lcs_slot(&lcs.environment_id).await;
+            let mut url = base.clone();
+            url.query_pairs_mut().append_pair("page", &page.to_string());
+            let build = |_: Option<&str>| {
+                self.http
+                    .client()
+                    .get(url.clone())
+                    .bearer_auth(token.expose())
+                    .header("Accept", "application/json")
+            };
+            let resp = self.http.send(LCS, None, &build).await?;
+            let body: Value = resp.json().await.map_err(|e| Error::Protocol {
+                service: LCS.name,
+                detail: e.to_string(),
+            })?;
+            if body.get("IsSuccess") != Some(&Value::Bool(true)) {
+                let why = body
+                    .get("ErrorMessage")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no message");
+                return Err(Error::Unavailable {
+                    service: LCS.name,
+                    attempts: 1,
+                    detail: format!("IsSuccess is false: {why}"),
+                    retry_after: None,
+                });
+            }
+            for entry in body
+                .get("Data")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+            {
+                if let Some(t) = parse_time(entry.get("EndDateTimeUtc")) {
+                    out.push((t, entry));
+                }
+            }
+            if body.get("ResultHasMorePages") != Some(&Value::Bool(true)) {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Power Platform operations of the environment (app token, client credentials).
+    async fn power_platform_ops(
+        &self,
+        env: &EnvConfig,
+        api: &url::Url,
+    ) -> Result<Vec<(Timestamp, Value)>> {
+        let pp_env = env
+            .power_platform_environment_id
+            .as_deref()
+            .expect("validated with watch.power_platform");
+        let fingerprint = format!("{env:?}");
+        let tokens = {
+            let mut cache = self.pp_tokens.lock().await;
+            match cache.get(&env.id) {
+                Some((seen, tokens)) if *seen == fingerprint => tokens.clone(),
+                _ => {
+                    let secret = match &env.client_secret {
+                        Some(s) => ClientSecret::Known(s.clone()),
+                        None => {
+                            ClientSecret::Stored(self.secrets.clone(), env.secret_source.clone())
+                        }
+                    };
+                    let tokens = Arc::new(EntraTokens::new(
+                        self.http.clone(),
+                        &env.authority,
+                        &env.tenant_id,
+                        &env.client_id,
+                        secret,
+                    ));
+                    cache.insert(env.id.clone(), (fingerprint, tokens.clone()));
+                    tokens
+                }
+            }
+        };
+        let scope = EnvConfig::scope_for(api);
+        let mut url = join(
+            api,
+            &format!("environmentmanagement/environments/{pp_env}/operations"),
+        );
+        url.query_pairs_mut()
+            .append_pair("api-version", "2022-03-01-preview");
+        let build = |token: Option<&str>| {
+            self.http
+                .client()
+                .get(url.clone())
+                .bearer_auth(token.unwrap_or_default())
+        };
+        let resp = self
+            .http
+            .send(
+                POWER_PLATFORM,
+                Some((tokens.as_ref() as &dyn TokenSource, &scope)),
+                &build,
+            )
+            .await?;
+        let body: Value = resp.json().await.map_err(|e| Error::Protocol {
+            service: POWER_PLATFORM.name,
+            detail: e.to_string(),
+        })?;
+        let ops = body
+            .get("value")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        Ok(ops
+            .into_iter()
+            .filter_map(|op| {
+                let done = parse_time(op.get("lastActionDateTime"))
+                    .or_else(|| parse_time(op.get("createdDateTime")))?;
+                let mut op = op;
+                if op.get("environmentId").is_none() {
+                    op["environmentId"] = Value::String(pp_env.to_string());
+                }
+                Some((done, op))
+            })
+            .collect())
+    }
+}
+
+/// The whole `main` of the watch-restores function (EventBridge schedule).
+pub async fn run_function() -> Result<(), lambda_runtime::Error> {
+    crate::lambda::serve(
+        || Box::pin(watcher()),
+        |watcher, _: lambda_runtime::LambdaEvent<Value>| {
+            Box::pin(async move { Ok(serde_json::to_value(watcher.poll().await?)?) })
+        },
+    )
+    .await
+}
+
+async fn watcher() -> relink_core::Result<Watcher> {
+    let (config, store) = crate::function_base().await?;
+    let queue = crate::detect_queue(&config)?;
+    let http = Arc::new(Http::new(
+        relink_dynamics::RetryPolicy::default(),
+        Arc::new(relink_core::progress::TracingSink),
+    )?);
+    Ok(Watcher::new(
+        Arc::new(crate::registry::TableRegistry::new(store.clone())),
+        Arc::new(store),
+        Arc::new(queue),
+        http,
+        Arc::new(crate::secrets::SecretResolver::new(&config)),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lcs_and_power_platform_times_are_read() {
+        assert!(parse_time(Some(&Value::String("2026-11-26T05:00:00Z".into()))).is_some());
+        assert_eq!(
+            parse_time(Some(&Value::String("2026-11-26T05:00:00.123".into()))),
+            Some("2026-11-26T05:00:00.123Z".parse().unwrap())
+        );
+        assert!(parse_time(Some(&Value::Null)).is_none());
+    }
+}

@@ -1,0 +1,326 @@
+//! The narrow interfaces the domain logic depends on. Each has real adapters in another crate
+//! (`relink-dynamics`: the HTTP clients; `relink-aws`: DynamoDB, SQS, the table registry;
+//! `relink-embedded`: SQLite, the in-process queue, process liveness) and can be replaced by an
+//! in-memory one in unit tests.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::Result;
+use crate::event::StageEvent;
+use crate::model::Run;
+
+/// Who holds (or asks for) an environment's lock.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseOwner(pub String);
+
+/// The lock row of an environment: which run holds it, and which worker is executing a stage
+/// of that run (none between stages, while the next stage's event is in flight).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lock {
+    pub environment_id: String,
+    pub run_id: String,
+    pub owner: Option<LeaseOwner>,
+    pub lease_until: Timestamp,
+}
+
+/// One archived row: what a stage deleted, redacted of secrets.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ArchivedRow {
+    /// The table, e.g. `msdyn_dualwriteruntimeconfig` or `DualWriteProjectConfiguration`.
+    pub table: String,
+    /// The row's key (Dataverse id, F&O ProjectName).
+    pub key: String,
+    /// The row as read, with secret-bearing fields redacted.
+    pub row: Value,
+}
+
+/// A queue message that could not be turned into work, kept so it is not lost silently.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rejected {
+    pub message_id: String,
+    pub received_at: Timestamp,
+    /// Why it was rejected (values from the body are elided).
+    pub error: String,
+    pub body_bytes: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+}
+
+/// Durable run progress, locks and the archive. Every state-moving write is conditional.
+#[async_trait]
+pub trait ProgressStore: Send + Sync {
+    /// Inserts a new run; [`crate::Error::Conflict`] if the run id exists.
+    async fn create_run(&self, run: &Run) -> Result<()>;
+    /// Reads a run by id.
+    async fn get_run(&self, run_id: &str) -> Result<Option<Run>>;
+    /// Reads a run by id, looking first where a run of `environment_id` would be (one read in
+    /// the table when it is there). The run is returned whatever environment it belongs to, so
+    /// the caller can refuse an event whose environment does not match its run.
+    async fn find_run(&self, environment_id: &str, run_id: &str) -> Result<Option<Run>> {
+        let _ = environment_id;
+        self.get_run(run_id).await
+    }
+    /// Writes `run` if the stored version is still `run.version`; returns it with the new version.
+    async fn update_run(&self, run: &Run) -> Result<Run>;
+    /// The environment's newest run.
+    async fn latest_run(&self, environment_id: &str) -> Result<Option<Run>>;
+    /// Recent runs of every environment, newest first.
+    async fn recent_runs(&self, limit: usize) -> Result<Vec<Run>>;
+    /// Takes or renews the environment's lock for `owner` working on `run_id`. It is granted when
+    /// the lock is free or lapsed, or held by the same run with the same owner or with no owner.
+    /// Otherwise returns the current holder.
+    async fn acquire_lock(
+        &self,
+        environment_id: &str,
+        run_id: &str,
+        owner: &LeaseOwner,
+        lease: Duration,
+    ) -> Result<Result<Lock, Lock>>;
+    /// Keeps the environment for `run_id` but drops `owner`, for `grace` (between stages, or on
+    /// behalf of a dead owner). Does nothing unless `owner` holds it for `run_id`.
+    async fn handover_lock(
+        &self,
+        environment_id: &str,
+        run_id: &str,
+        owner: &LeaseOwner,
+        grace: Duration,
+    ) -> Result<()>;
+    /// Reads the environment's lock, lapsed or not.
+    async fn get_lock(&self, environment_id: &str) -> Result<Option<Lock>>;
+    /// Frees the environment if `run_id` holds it (the run is finished or waits for an operator).
+    async fn release_lock(&self, environment_id: &str, run_id: &str) -> Result<()>;
+    /// Archives rows before they are deleted; archiving a row twice keeps one copy.
+    async fn archive(&self, run_id: &str, environment_id: &str, rows: &[ArchivedRow])
+    -> Result<()>;
+    /// Every row archived by a run, one copy per row.
+    async fn archived(&self, run_id: &str) -> Result<Vec<ArchivedRow>>;
+    /// Records that a restore signal (`source`, `operation_id`) starts `run_id`, once: returns
+    /// the run id of an earlier claim when the signal was seen before.
+    async fn claim_trigger(
+        &self,
+        source: &str,
+        operation_id: &str,
+        run_id: &str,
+    ) -> Result<Result<(), String>>;
+    /// Undoes a claim of `run_id` whose event could not be sent, so the sender's retry can work.
+    async fn release_trigger(&self, source: &str, operation_id: &str, run_id: &str) -> Result<()>;
+    /// A named position (the restore watcher's "last seen" per environment and source).
+    async fn get_cursor(&self, key: &str) -> Result<Option<String>>;
+    /// Moves a named position.
+    async fn put_cursor(&self, key: &str, value: &str) -> Result<()>;
+    /// Records a rejected message (poison) so operators can see it.
+    async fn record_rejected(&self, rejected: &Rejected) -> Result<()>;
+    /// Recently rejected messages, newest first.
+    async fn rejected(&self, limit: usize) -> Result<Vec<Rejected>>;
+}
+
+/// Where stage events go next (SQS in AWS, an in-process queue embedded).
+#[async_trait]
+pub trait StageQueue: Send + Sync {
+    /// Enqueues the event for its stage.
+    async fn send(&self, event: &StageEvent) -> Result<()>;
+}
+
+/// A Dataverse organisation's identity (`RetrieveCurrentOrganization`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Organization {
+    pub organization_id: String,
+    pub unique_name: String,
+    pub friendly_name: String,
+    pub url_name: String,
+}
+
+/// Dataverse's record of its F&O link (`RetrieveFinanceAndOperationsIntegrationDetails`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FnoIntegration {
+    pub url: String,
+    pub tenant_id: Option<String>,
+}
+
+/// A table's entity set and key, resolved at run time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntitySet {
+    pub name: String,
+    pub primary_id: String,
+}
+
+/// One page of rows and the link to the next.
+#[derive(Clone, Debug, Default)]
+pub struct Page {
+    pub rows: Vec<Value>,
+    pub next_link: Option<String>,
+}
+
+/// What happened to each delete of a batch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Rows deleted by this batch.
+    pub deleted: usize,
+    /// Rows already gone (404): the goal is met.
+    pub already_gone: usize,
+    /// Keys that could not be deleted, with the reason.
+    pub failed: Vec<(String, String)>,
+}
+
+/// The Dataverse Web API operations relink needs.
+#[async_trait]
+pub trait DataverseApi: Send + Sync {
+    /// The organisation behind the URL.
+    async fn current_organization(&self) -> Result<Organization>;
+    /// The F&O environment this Dataverse is integrated with, if the API is available.
+    async fn fno_integration(&self) -> Result<Option<FnoIntegration>>;
+    /// Resolves the runtime-config table's entity set; `None` when the table does not exist.
+    async fn runtime_config_set(&self) -> Result<Option<EntitySet>>;
+    /// The first page of runtime-config rows (`$select` of the archived columns).
+    async fn first_page(&self, set: &EntitySet, page_size: usize) -> Result<Page>;
+    /// Follows an `@odata.nextLink`.
+    async fn next_page(&self, next_link: &str, page_size: usize) -> Result<Page>;
+    /// Deletes rows by id in one `$batch`.
+    async fn delete_batch(&self, set: &EntitySet, ids: &[String]) -> Result<BatchOutcome>;
+    /// The client's pacing to the service protection limits, if it paces.
+    fn pacer(&self) -> Option<&crate::pacing::Pacer> {
+        None
+    }
+}
+
+/// A table that only a customer-deployed F&O service can purge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceTable {
+    DualWriteProjectFieldConfiguration,
+    BusinessEventsDefinition,
+}
+
+impl ServiceTable {
+    /// Both tables, in purge order.
+    pub const ALL: [ServiceTable; 2] = [
+        ServiceTable::DualWriteProjectFieldConfiguration,
+        ServiceTable::BusinessEventsDefinition,
+    ];
+    /// The F&O table name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceTable::DualWriteProjectFieldConfiguration => {
+                "DualWriteProjectFieldConfiguration"
+            }
+            ServiceTable::BusinessEventsDefinition => "BusinessEventsDefinition",
+        }
+    }
+}
+
+/// The F&O OData operations relink needs.
+#[async_trait]
+pub trait FnoApi: Send + Sync {
+    /// A page of `DualWriteProjectConfigurations` (cross-company), first or by next link.
+    async fn project_configs(&self, next_link: Option<&str>, page_size: usize) -> Result<Page>;
+    /// Deletes project configurations by `ProjectName` in one `$batch`.
+    async fn delete_project_configs(&self, names: &[String]) -> Result<BatchOutcome>;
+    /// Whether a custom purge service is configured for the other key tables.
+    fn has_purge_service(&self) -> bool;
+    /// Lists a table's rows through the purge service (each row has a `key`).
+    async fn service_rows(&self, table: ServiceTable) -> Result<Vec<Value>>;
+    /// Deletes a table's rows by key through the purge service.
+    async fn service_delete(&self, table: ServiceTable, keys: &[String]) -> Result<BatchOutcome>;
+}
+
+/// An OAuth access token for a scope.
+#[async_trait]
+pub trait TokenSource: Send + Sync {
+    /// A valid token for `scope`, from cache when it has time left.
+    async fn token(&self, scope: &str) -> Result<String>;
+    /// Forgets the cached token for `scope` (after a 401).
+    async fn invalidate(&self, scope: &str);
+}
+
+/// What resetting the link produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResetOutcome {
+    /// The operator must reset by hand and confirm; the text says exactly how.
+    AwaitConfirmation { instructions: String },
+    /// The link was reset automatically.
+    Done,
+}
+
+/// Builds the Dynamics clients of an environment (clients are cached by the implementation).
+pub trait Connector: Send + Sync {
+    /// The Dataverse client of `env`.
+    fn dataverse(
+        &self,
+        env: &crate::registry::EnvConfig,
+    ) -> Result<std::sync::Arc<dyn DataverseApi>>;
+    /// The F&O client of `env`.
+    fn fno(&self, env: &crate::registry::EnvConfig) -> Result<std::sync::Arc<dyn FnoApi>>;
+}
+
+/// Resets the dual-write link (manual gate by default).
+#[async_trait]
+pub trait ResetDriver: Send + Sync {
+    /// Starts (or describes) the reset.
+    async fn reset(&self, env: &crate::registry::EnvConfig, run: &Run) -> Result<ResetOutcome>;
+}
+
+/// Where a handler reads the registry from (a file, the DynamoDB table).
+#[async_trait]
+pub trait RegistrySource: Send + Sync {
+    /// Every entry (the watcher and notification ingest look entries up by other ids).
+    async fn registry(&self) -> Result<std::sync::Arc<crate::registry::Registry>>;
+    /// One environment's entry, as current as the source is at the time of the call; a stage
+    /// handler reads only this. [`crate::Error::UnknownEnvironment`] when there is none.
+    async fn entry(&self, environment_id: &str) -> Result<crate::registry::EnvConfig> {
+        Ok(self.registry().await?.get(environment_id)?.clone())
+    }
+}
+
+/// A fixed registry (tests, workers with a file).
+pub struct StaticRegistry(pub std::sync::Arc<crate::registry::Registry>);
+
+#[async_trait]
+impl RegistrySource for StaticRegistry {
+    async fn registry(&self) -> Result<std::sync::Arc<crate::registry::Registry>> {
+        Ok(self.0.clone())
+    }
+}
+
+/// A registry file read once (embedded mode).
+#[async_trait]
+impl RegistrySource for crate::registry::Registry {
+    async fn registry(&self) -> Result<std::sync::Arc<crate::registry::Registry>> {
+        Ok(std::sync::Arc::new(self.clone()))
+    }
+    async fn entry(&self, environment_id: &str) -> Result<crate::registry::EnvConfig> {
+        Ok(self.get(environment_id)?.clone())
+    }
+}
+
+/// Reads the secrets a registry entry names (Secrets Manager in AWS, the process environment
+/// embedded), when a client is about to use one: never before a stage calls Dynamics.
+#[async_trait]
+pub trait SecretStore: Send + Sync {
+    /// The current value of the secret `source` names.
+    async fn secret(
+        &self,
+        source: &crate::registry::SecretSource,
+    ) -> Result<crate::registry::Secret>;
+}
+
+/// Whether the holder of a lease is known to be dead, so its lease can be taken over at once
+/// instead of waiting for it to lapse.
+pub trait Liveness: Send + Sync {
+    /// `Some(true)`: gone; `Some(false)`: alive; `None`: cannot tell (e.g. another host).
+    fn is_gone(&self, owner: &LeaseOwner) -> Option<bool>;
+}
+
+/// Knows nothing about any owner: leases only end by lapsing (Lambda invocations).
+pub struct LeasesOnly;
+
+impl Liveness for LeasesOnly {
+    fn is_gone(&self, _: &LeaseOwner) -> Option<bool> {
+        None
+    }
+}

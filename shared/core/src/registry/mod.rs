@@ -1,0 +1,584 @@
+//! The registry (`relink.toml`): which environments relink may touch and how to reach them.
+//! Unknown keys are rejected, plain http is refused unless explicitly allowed for a loopback
+//! host, production is refused unless allowed, and secrets are read from the environment
+//! variable the entry names and never printed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+use url::Url;
+
+use crate::error::{Error, Result};
+use crate::event::is_environment_id;
+
+/// The default Entra ID authority (public cloud).
+pub const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
+
+/// A secret value: its `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+    /// The value, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// The kind of environment; production is guarded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnvKind {
+    Sandbox,
+    Uat,
+    Dev,
+    Production,
+}
+
+/// Where a client secret comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum SecretSource {
+    /// An environment variable of the relink process.
+    Env(String),
+    /// An AWS Secrets Manager secret (AWS mode only).
+    SecretArn(String),
+}
+
+/// How the link is reset after the keys are cleared.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, tag = "mode", rename_all = "lowercase")]
+pub enum ResetMode {
+    /// Record exact operator instructions and wait for `relink confirm`.
+    Manual,
+    /// Microsoft's unsupported internal gateway (not implemented in this version).
+    Gateway { gateway_url: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    #[serde(default)]
+    environments: BTreeMap<String, RawEnv>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnv {
+    kind: EnvKind,
+    fno_url: String,
+    dataverse_url: String,
+    dataverse_unique_name: String,
+    #[serde(default)]
+    dataverse_organization_id: Option<String>,
+    tenant_id: String,
+    client_id: String,
+    client_secret: SecretSource,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default)]
+    allow_insecure_http: bool,
+    #[serde(default)]
+    allow_production: bool,
+    #[serde(default = "default_reset")]
+    reset: ResetMode,
+    #[serde(default)]
+    fno_purge_service: Option<String>,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    lcs_environment_id: Option<String>,
+    #[serde(default)]
+    power_platform_environment_id: Option<String>,
+    #[serde(default)]
+    watch: Option<RawWatch>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWatch {
+    #[serde(default)]
+    lcs_project_id: Option<String>,
+    #[serde(default)]
+    lcs_token: Option<SecretSource>,
+    #[serde(default)]
+    lcs_api: Option<String>,
+    #[serde(default)]
+    power_platform: bool,
+    #[serde(default)]
+    power_platform_api: Option<String>,
+    #[serde(default = "default_lookback")]
+    lookback_minutes: u64,
+}
+
+fn default_lookback() -> u64 {
+    60
+}
+
+/// The LCS API (public cloud).
+pub const DEFAULT_LCS_API: &str = "https://lcsapi.lcs.dynamics.com";
+/// The Power Platform API.
+pub const DEFAULT_POWER_PLATFORM_API: &str = "https://api.powerplatform.com";
+
+/// Where the restore watcher looks for completed restores of an environment.
+#[derive(Clone, Debug)]
+pub struct WatchConfig {
+    /// LCS environment history, when a project and a token are configured.
+    pub lcs: Option<LcsWatch>,
+    /// Power Platform operations of `power_platform_environment_id`, with the app's token.
+    pub power_platform: Option<Url>,
+    /// How far back the first poll looks.
+    pub lookback: std::time::Duration,
+}
+
+/// LCS history settings.
+#[derive(Clone, Debug)]
+pub struct LcsWatch {
+    pub api: Url,
+    pub project_id: String,
+    pub environment_id: String,
+    /// LCS accepts only delegated (user) tokens: the secret holds a current access token.
+    pub token_source: SecretSource,
+    pub token: Option<Secret>,
+}
+
+fn default_reset() -> ResetMode {
+    ResetMode::Manual
+}
+
+/// Tuning of page sizes, batch sizes and concurrency; the defaults suit Dataverse's limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Rows per Dataverse page (`Prefer: odata.maxpagesize`), 1..=5000.
+    pub dataverse_page_size: usize,
+    /// Deletes per Dataverse `$batch`, 1..=1000.
+    pub dataverse_batch_size: usize,
+    /// Dataverse `$batch` requests in flight at once, 1..=52.
+    pub dataverse_concurrency: usize,
+    /// Rows per F&O page, 1..=10000.
+    pub fno_page_size: usize,
+    /// Deletes per F&O `$batch`, 1..=1000.
+    pub fno_batch_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            dataverse_page_size: 5000,
+            dataverse_batch_size: 1000,
+            dataverse_concurrency: 4,
+            fno_page_size: 1000,
+            fno_batch_size: 100,
+        }
+    }
+}
+
+/// One environment's validated registry entry.
+#[derive(Clone, Debug)]
+pub struct EnvConfig {
+    pub id: String,
+    pub kind: EnvKind,
+    pub fno_url: Url,
+    pub dataverse_url: Url,
+    pub dataverse_unique_name: String,
+    pub dataverse_organization_id: Option<uuid::Uuid>,
+    pub tenant_id: String,
+    pub client_id: String,
+    pub secret_source: SecretSource,
+    /// The client secret, when it was resolvable at load time (env variables).
+    pub client_secret: Option<Secret>,
+    pub authority: Url,
+    pub allow_production: bool,
+    pub reset: ResetMode,
+    /// Path (under the F&O URL) of a customer-deployed purge service, if any.
+    pub fno_purge_service: Option<String>,
+    pub limits: Limits,
+    /// The LCS environment id, so LCS notifications find this entry.
+    pub lcs_environment_id: Option<String>,
+    /// The Power Platform environment id, so Power Platform notifications find this entry.
+    pub power_platform_environment_id: Option<String>,
+    /// The restore watcher's settings, if it watches this environment.
+    pub watch: Option<WatchConfig>,
+}
+
+impl EnvConfig {
+    /// The Dataverse Web API base, `{dataverse_url}/api/data/v9.2/`.
+    pub fn dataverse_api(&self) -> Url {
+        join(&self.dataverse_url, "api/data/v9.2/")
+    }
+    /// The F&O OData base, `{fno_url}/data/`.
+    pub fn fno_data(&self) -> Url {
+        join(&self.fno_url, "data/")
+    }
+    /// The OAuth scope for a resource URL: `{origin+path}/.default`.
+    pub fn scope_for(resource: &Url) -> String {
+        format!("{}/.default", resource.as_str().trim_end_matches('/'))
+    }
+}
+
+/// Appends a relative path to a base URL whatever its trailing slash.
+pub fn join(base: &Url, rel: &str) -> Url {
+    let mut s = base.as_str().trim_end_matches('/').to_string();
+    s.push('/');
+    s.push_str(rel);
+    Url::parse(&s).expect("a valid base joined with a fixed path stays valid")
+}
+
+/// All registered environments.
+#[derive(Clone, Debug, Default)]
+pub struct Registry {
+    environments: BTreeMap<String, EnvConfig>,
+    /// Table entries that failed validation, with the reason: only their own events are refused.
+    invalid: BTreeMap<String, String>,
+}
+
+impl Registry {
+    /// Reads and validates a registry file, resolving `env` secrets from the process environment.
+    pub fn load(path: &Path) -> Result<Registry> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::Config(format!(
+                "cannot read registry {}: {e}; create it (see README, Configuration) or pass --config",
+                path.display()
+            ))
+        })?;
+        Registry::parse(&text, |name| std::env::var(name).ok())
+            .map_err(|e| Error::Config(format!("{}: {}", path.display(), strip_prefix(e))))
+    }
+
+    /// Parses registry text; `lookup` resolves `client_secret = { env = ... }`.
+    pub fn parse(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<Registry> {
+        let raw: RawRegistry = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let mut environments = BTreeMap::new();
+        for (id, env) in raw.environments {
+            let cfg = validate(&id, env, &lookup)
+                .map_err(|e| Error::Config(format!("[environments.{id}]: {}", strip_prefix(e))))?;
+            environments.insert(id, cfg);
+        }
+        Ok(Registry {
+            environments,
+            invalid: BTreeMap::new(),
+        })
+    }
+
+    /// Builds a registry from entries stored one by one (the AWS table holds each entry as the
+    /// JSON form of its `[environments.ID]` table). An entry that fails validation (written by
+    /// hand, or by an older relink) is kept aside with its reason: events for it are refused
+    /// with that reason, and every other environment keeps working.
+    pub fn from_entries(
+        entries: &[(String, serde_json::Value)],
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Registry {
+        let mut registry = Registry::default();
+        for (id, value) in entries {
+            let cfg = serde_json::from_value::<RawEnv>(value.clone())
+                .map_err(|e| e.to_string())
+                .and_then(|raw| validate(id, raw, &lookup).map_err(strip_prefix));
+            match cfg {
+                Ok(cfg) => {
+                    registry.environments.insert(id.clone(), cfg);
+                }
+                Err(reason) => {
+                    tracing::error!(environment_id = %id, error = %reason, "invalid registry entry in the table");
+                    registry.invalid.insert(id.clone(), reason);
+                }
+            }
+        }
+        registry
+    }
+
+    /// The `[environments.ID]` table of a registry file as JSON, validated, for storing in AWS.
+    pub fn entry_json(text: &str, id: &str) -> Result<serde_json::Value> {
+        Registry::parse(text, |_| Some("unused".into()))?.get(id)?;
+        let doc: toml::Table = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let entry = doc
+            .get("environments")
+            .and_then(|e| e.get(id))
+            .ok_or_else(|| Error::UnknownEnvironment(id.into()))?;
+        serde_json::to_value(entry).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// The entry a notification names: by registry key, LCS or Power Platform environment id.
+    pub fn find(&self, reference: &crate::notify::EnvRef) -> Option<&EnvConfig> {
+        use crate::notify::EnvRef;
+        match reference {
+            EnvRef::Registry(id) => self.environments.get(id),
+            EnvRef::Lcs(id) => self.iter().find(|e| {
+                e.lcs_environment_id
+                    .as_deref()
+                    .is_some_and(|l| l.eq_ignore_ascii_case(id))
+            }),
+            EnvRef::PowerPlatform(id) => self.iter().find(|e| {
+                e.power_platform_environment_id
+                    .as_deref()
+                    .is_some_and(|p| p.eq_ignore_ascii_case(id))
+            }),
+        }
+    }
+
+    /// The entry for an environment, or [`Error::UnknownEnvironment`].
+    pub fn get(&self, id: &str) -> Result<&EnvConfig> {
+        if let Some(reason) = self.invalid.get(id) {
+            return Err(Error::Config(format!(
+                "registry entry `{id}` in the table is invalid: {reason}; fix [environments.{id}] and run relink env push {id}"
+            )));
+        }
+        self.environments
+            .get(id)
+            .ok_or_else(|| Error::UnknownEnvironment(id.to_string()))
+    }
+
+    /// Every entry, by id.
+    pub fn iter(&self) -> impl Iterator<Item = &EnvConfig> {
+        self.environments.values()
+    }
+}
+
+fn strip_prefix(e: Error) -> String {
+    match e {
+        Error::Config(m) => m,
+        other => other.to_string(),
+    }
+}
+
+fn validate(id: &str, raw: RawEnv, lookup: &impl Fn(&str) -> Option<String>) -> Result<EnvConfig> {
+    if !is_environment_id(id) {
+        return Err(Error::Config(
+            "the environment id must be 1-64 of a-z, 0-9, '-', '_', starting with a letter or digit".into(),
+        ));
+    }
+    let insecure = raw.allow_insecure_http;
+    let fno_url = endpoint("fno_url", &raw.fno_url, insecure)?;
+    let dataverse_url = endpoint("dataverse_url", &raw.dataverse_url, insecure)?;
+    let authority = endpoint(
+        "authority",
+        raw.authority.as_deref().unwrap_or(DEFAULT_AUTHORITY),
+        insecure,
+    )?;
+    if raw.dataverse_unique_name.trim().is_empty() {
+        return Err(Error::Config(
+            "`dataverse_unique_name` must name the organisation this F&O must be linked to".into(),
+        ));
+    }
+    let dataverse_organization_id = raw
+        .dataverse_organization_id
+        .map(|s| {
+            uuid::Uuid::parse_str(&s).map_err(|_| {
+                Error::Config(format!("`dataverse_organization_id` {s:?} is not a GUID"))
+            })
+        })
+        .transpose()?;
+    for (field, v) in [("tenant_id", &raw.tenant_id), ("client_id", &raw.client_id)] {
+        if v.trim().is_empty() || v.contains('/') {
+            return Err(Error::Config(format!(
+                "`{field}` must be a non-empty id without '/'"
+            )));
+        }
+    }
+    let client_secret = match &raw.client_secret {
+        SecretSource::Env(var) => Some(Secret::new(lookup(var).filter(|v| !v.is_empty()).ok_or_else(|| {
+            Error::Config(format!(
+                "`client_secret` names the environment variable {var}, which is not set; export it before running relink"
+            ))
+        })?)),
+        SecretSource::SecretArn(arn) => {
+            if !arn.starts_with("arn:aws:secretsmanager:") && !arn.starts_with("arn:aws-") {
+                return Err(Error::Config(format!("`client_secret.secret_arn` {arn:?} is not a Secrets Manager ARN")));
+            }
+            None
+        }
+    };
+    if let ResetMode::Gateway { gateway_url } = &raw.reset {
+        endpoint("reset.gateway_url", gateway_url, insecure)?;
+        return Err(Error::Config(
+            "reset mode `gateway` (Microsoft's unsupported internal gateway) is not implemented in this version; use reset = { mode = \"manual\" }".into(),
+        ));
+    }
+    if let Some(p) = &raw.fno_purge_service
+        && (!p.starts_with('/') || p.contains("..") || p.contains("://") || p.contains('?'))
+    {
+        return Err(Error::Config(format!(
+            "`fno_purge_service` {p:?} must be a path under the F&O URL, such as \"/api/services/RelinkServices/RelinkPurgeService\""
+        )));
+    }
+    check_limits(&raw.limits)?;
+    let watch = raw
+        .watch
+        .map(|w| {
+            watch_config(
+                w,
+                &raw.lcs_environment_id,
+                &raw.power_platform_environment_id,
+                insecure,
+                lookup,
+            )
+        })
+        .transpose()?;
+    Ok(EnvConfig {
+        id: id.to_string(),
+        kind: raw.kind,
+        fno_url,
+        dataverse_url,
+        dataverse_unique_name: raw.dataverse_unique_name,
+        dataverse_organization_id,
+        tenant_id: raw.tenant_id,
+        client_id: raw.client_id,
+        secret_source: raw.client_secret,
+        client_secret,
+        authority,
+        allow_production: raw.allow_production,
+        reset: raw.reset,
+        fno_purge_service: raw.fno_purge_service,
+        limits: raw.limits,
+        watch,
+        lcs_environment_id: raw.lcs_environment_id,
+        power_platform_environment_id: raw.power_platform_environment_id,
+    })
+}
+
+fn watch_config(
+    w: RawWatch,
+    lcs_env: &Option<String>,
+    pp_env: &Option<String>,
+    insecure: bool,
+    lookup: &impl Fn(&str) -> Option<String>,
+) -> Result<WatchConfig> {
+    let lcs = match (w.lcs_project_id, w.lcs_token) {
+        (Some(project_id), Some(token_source)) => {
+            let environment_id = lcs_env.clone().ok_or_else(|| {
+                Error::Config(
+                    "`watch.lcs_project_id` needs `lcs_environment_id` on the entry".into(),
+                )
+            })?;
+            // A missing LCS token stops only the watcher's LCS polling of this entry (it says
+            // so when it polls), never the relinking itself.
+            let token = match &token_source {
+                SecretSource::Env(var) => lookup(var).filter(|v| !v.is_empty()).map(Secret::new),
+                SecretSource::SecretArn(_) => None,
+            };
+            let api = endpoint(
+                "watch.lcs_api",
+                w.lcs_api.as_deref().unwrap_or(DEFAULT_LCS_API),
+                insecure,
+            )?;
+            Some(LcsWatch {
+                api,
+                project_id,
+                environment_id,
+                token_source,
+                token,
+            })
+        }
+        (None, None) => None,
+        _ => {
+            return Err(Error::Config(
+                "`watch` needs both `lcs_project_id` and `lcs_token` to read LCS history".into(),
+            ));
+        }
+    };
+    let power_platform = if w.power_platform {
+        if pp_env.is_none() {
+            return Err(Error::Config(
+                "`watch.power_platform = true` needs `power_platform_environment_id` on the entry"
+                    .into(),
+            ));
+        }
+        Some(endpoint(
+            "watch.power_platform_api",
+            w.power_platform_api
+                .as_deref()
+                .unwrap_or(DEFAULT_POWER_PLATFORM_API),
+            insecure,
+        )?)
+    } else {
+        None
+    };
+    if lcs.is_none() && power_platform.is_none() {
+        return Err(Error::Config(
+            "`watch` watches nothing: set lcs_project_id + lcs_token, and/or power_platform = true"
+                .into(),
+        ));
+    }
+    Ok(WatchConfig {
+        lcs,
+        power_platform,
+        lookback: std::time::Duration::from_secs(w.lookback_minutes.max(1) * 60),
+    })
+}
+
+fn check_limits(l: &Limits) -> Result<()> {
+    let checks = [
+        ("limits.dataverse_page_size", l.dataverse_page_size, 5000),
+        ("limits.dataverse_batch_size", l.dataverse_batch_size, 1000),
+        ("limits.dataverse_concurrency", l.dataverse_concurrency, 52),
+        ("limits.fno_page_size", l.fno_page_size, 10_000),
+        ("limits.fno_batch_size", l.fno_batch_size, 1000),
+    ];
+    for (name, v, max) in checks {
+        if v == 0 || v > max {
+            return Err(Error::Config(format!(
+                "`{name}` is {v}; it must be between 1 and {max}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Parses an endpoint URL: https, or http to a loopback host when `allow_insecure_http` is set.
+fn endpoint(field: &str, value: &str, allow_insecure_http: bool) -> Result<Url> {
+    let url = Url::parse(value)
+        .map_err(|e| Error::Config(format!("`{field}` {value:?} is not a URL: {e}")))?;
+    if !url.username().is_empty()
+        || url.password().is_some()
+        || url.query().is_some()
+        || url.fragment().is_some()
+    {
+        return Err(Error::Config(format!(
+            "`{field}` must be a plain base URL without credentials, query or fragment"
+        )));
+    }
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if allow_insecure_http && is_loopback(&url) => Ok(url),
+        "http" if allow_insecure_http => Err(Error::Config(format!(
+            "`{field}` uses plain http to a host that is not loopback; allow_insecure_http only permits 127.0.0.1, ::1 or localhost (simulators)"
+        ))),
+        "http" => Err(Error::Config(format!(
+            "`{field}` uses plain http; relink requires https (allow_insecure_http = true is for loopback simulators only)"
+        ))),
+        other => Err(Error::Config(format!(
+            "`{field}` has scheme {other:?}; relink requires https"
+        ))),
+    }
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests;

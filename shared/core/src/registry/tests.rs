@@ -1,0 +1,111 @@
+//! Registry parsing and validation: what is accepted, what is refused and with which words.
+
+use super::*;
+
+const GOOD: &str = r#"
+[environments.contoso-uat]
+kind = "sandbox"
+fno_url = "https://contoso-uat.sandbox.operations.dynamics.com"
+dataverse_url = "https://contoso-uat.crm.dynamics.com"
+dataverse_unique_name = "org6459f7a8"
+tenant_id = "00000000-0000-0000-0000-000000000000"
+client_id = "11111111-1111-1111-1111-111111111111"
+client_secret = { env = "CONTOSO_UAT_SECRET" }
+reset = { mode = "manual" }
+"#;
+
+fn lookup(name: &str) -> Option<String> {
+    (name == "CONTOSO_UAT_SECRET").then(|| "s3cr3t-value".to_string())
+}
+
+#[test]
+fn documented_example_loads_with_defaults() {
+    let reg = Registry::parse(GOOD, lookup).unwrap();
+    let env = reg.get("contoso-uat").unwrap();
+    assert_eq!(env.authority.as_str(), "https://login.microsoftonline.com/");
+    assert_eq!(env.client_secret.as_ref().unwrap().expose(), "s3cr3t-value");
+    assert_eq!(env.reset, ResetMode::Manual);
+    assert_eq!(env.limits, Limits::default());
+    assert_eq!(
+        env.dataverse_api().as_str(),
+        "https://contoso-uat.crm.dynamics.com/api/data/v9.2/"
+    );
+    assert!(!format!("{env:?}").contains("s3cr3t-value"));
+    assert!(matches!(reg.get("nope"), Err(Error::UnknownEnvironment(_))));
+}
+
+fn err(text: &str) -> String {
+    Registry::parse(text, lookup).unwrap_err().to_string()
+}
+
+#[test]
+fn unknown_keys_are_rejected_by_name() {
+    let e = err(&GOOD.replace("kind =", "allow_prod = true\nkind ="));
+    assert!(e.contains("allow_prod"), "{e}");
+    assert!(err("[environmentz.a]\n").contains("environmentz"));
+}
+
+#[test]
+fn plain_http_needs_loopback_and_the_allowance() {
+    let http = GOOD.replace("https://contoso-uat.crm", "http://contoso-uat.crm");
+    assert!(err(&http).contains("requires https"));
+    let allowed = http.replace("reset =", "allow_insecure_http = true\nreset =");
+    assert!(err(&allowed).contains("not loopback"));
+    let loopback = allowed.replace(
+        "http://contoso-uat.crm.dynamics.com",
+        "http://127.0.0.1:8080/dataverse/org",
+    );
+    assert!(Registry::parse(&loopback, lookup).is_ok());
+}
+
+#[test]
+fn missing_secret_variable_is_named_but_values_never_shown() {
+    let e = Registry::parse(GOOD, |_| None).unwrap_err().to_string();
+    assert!(
+        e.contains("CONTOSO_UAT_SECRET") && e.contains("not set"),
+        "{e}"
+    );
+}
+
+#[test]
+fn entries_round_trip_through_json() {
+    let json = Registry::entry_json(GOOD, "contoso-uat").unwrap();
+    assert_eq!(json["client_secret"]["env"], "CONTOSO_UAT_SECRET");
+    let reg = Registry::from_entries(&[("contoso-uat".into(), json)], lookup);
+    assert_eq!(
+        reg.get("contoso-uat").unwrap().dataverse_unique_name,
+        "org6459f7a8"
+    );
+}
+
+#[test]
+fn an_invalid_table_entry_refuses_only_its_own_environment() {
+    let good = Registry::entry_json(GOOD, "contoso-uat").unwrap();
+    let mut bad = good.clone();
+    bad["dataverse_url"] = "http://dynamics.example.com".into();
+    bad["allow_insecure_http"] = true.into();
+    let reg = Registry::from_entries(
+        &[("contoso-uat".into(), good), ("hand-written".into(), bad)],
+        lookup,
+    );
+    assert!(reg.get("contoso-uat").is_ok());
+    let e = reg.get("hand-written").unwrap_err();
+    assert!(matches!(e, Error::Config(_)), "{e}");
+    assert!(e.to_string().contains("plain http"), "{e}");
+}
+
+#[test]
+fn bad_values_are_explained() {
+    assert!(err(&GOOD.replace("sandbox\"", "staging\"")).contains("staging"));
+    assert!(
+        err(&GOOD.replace("\"manual\"", "\"gateway\", gateway_url = \"https://gw\""))
+            .contains("not implemented")
+    );
+    assert!(
+        err(&format!(
+            "{GOOD}limits = {{ dataverse_batch_size = 5000 }}\n"
+        ))
+        .contains("between 1 and 1000")
+    );
+    assert!(err("not toml [").contains("expected"));
+}

@@ -1,0 +1,168 @@
+//! `detect-mismatch`: reads both sides (F&O project configurations, Dataverse runtime
+//! configurations, the organisation and its F&O integration) and decides whether the link is
+//! stale. Deletes nothing.
+
+use serde_json::Value;
+
+use super::guards::{guard_identity, norm_url};
+use super::{DATAVERSE_TABLE, FNO_TABLE, Findings, StageCtx, StageReport, Then};
+use crate::error::{Error, Result};
+use crate::model::{RunStatus, StageStatus};
+use crate::ports::{DataverseApi, FnoApi};
+use crate::progress::{Progress, ProgressSink};
+use crate::registry::EnvConfig;
+
+/// Most distinct foreign Dataverse URLs listed in findings.
+const MAX_LISTED_URLS: usize = 5;
+
+/// Reads both sides and decides whether the link is stale. Deletes nothing.
+pub async fn inspect(
+    env: &EnvConfig,
+    dv: &dyn DataverseApi,
+    fno: &dyn FnoApi,
+    sink: &dyn ProgressSink,
+) -> Result<Findings> {
+    let organization = guard_identity(env, dv).await?;
+    let integration = dv.fno_integration().await?;
+    if let Some(i) = &integration {
+        let integrated = url::Url::parse(&i.url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_ascii_lowercase));
+        if integrated.as_deref()
+            != env
+                .fno_url
+                .host_str()
+                .map(str::to_ascii_lowercase)
+                .as_deref()
+        {
+            return Err(Error::Refused(format!(
+                "Dataverse {} reports it is integrated with F&O {}, not {}; fix the Power Platform integration in LCS before relinking",
+                organization.unique_name, i.url, env.fno_url
+            )));
+        }
+    }
+    let here = norm_url(env.dataverse_url.as_str());
+    let (mut total, mut elsewhere, mut pointing_here) = (0, 0, 0);
+    let mut others: Vec<String> = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        let page = fno
+            .project_configs(next.as_deref(), env.limits.fno_page_size)
+            .await?;
+        for row in &page.rows {
+            total += 1;
+            let url = row
+                .get("ExternalEnvironmentUrl")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            if norm_url(url) == here {
+                pointing_here += 1;
+            } else {
+                elsewhere += 1;
+                let u = norm_url(url);
+                if !u.is_empty() && others.len() < MAX_LISTED_URLS && !others.contains(&u) {
+                    others.push(u);
+                }
+            }
+        }
+        sink.emit(Progress::Found {
+            table: FNO_TABLE,
+            rows: total,
+        });
+        match page.next_link {
+            Some(n) => next = Some(n),
+            None => break,
+        }
+    }
+    let dv_rows = count_dataverse(env, dv, sink).await?;
+    let (stale, reason) = if elsewhere > 0 {
+        (
+            true,
+            format!(
+                "{elsewhere} of {total} F&O dual-write project configurations point at another Dataverse ({})",
+                others.join(", ")
+            ),
+        )
+    } else if total == 0 && dv_rows > 0 {
+        (
+            true,
+            format!(
+                "F&O has no dual-write project configuration but Dataverse holds {dv_rows} runtime configurations from an earlier link"
+            ),
+        )
+    } else {
+        (
+            false,
+            format!(
+                "{total} F&O project configurations all point at {here}; {dv_rows} Dataverse runtime configurations"
+            ),
+        )
+    };
+    Ok(Findings {
+        organization,
+        fno_integration_url: integration.map(|i| i.url),
+        fno_project_configs: total,
+        fno_pointing_elsewhere: elsewhere,
+        fno_pointing_here: pointing_here,
+        other_dataverse_urls: others,
+        dataverse_runtime_configs: dv_rows,
+        stale,
+        reason,
+    })
+}
+
+pub(super) async fn count_dataverse(
+    env: &EnvConfig,
+    dv: &dyn DataverseApi,
+    sink: &dyn ProgressSink,
+) -> Result<usize> {
+    let Some(set) = dv.runtime_config_set().await? else {
+        return Ok(0);
+    };
+    let size = env.limits.dataverse_page_size;
+    let mut page = dv.first_page(&set, size).await?;
+    let mut n = page.rows.len();
+    while let Some(link) = page.next_link.take() {
+        sink.emit(Progress::Found {
+            table: DATAVERSE_TABLE,
+            rows: n,
+        });
+        page = dv.next_page(&link, size).await?;
+        n += page.rows.len();
+    }
+    sink.emit(Progress::Found {
+        table: DATAVERSE_TABLE,
+        rows: n,
+    });
+    Ok(n)
+}
+
+/// Stage `detect-mismatch`: guards, inventory, decision. Deletes nothing.
+pub async fn detect(ctx: &StageCtx<'_>) -> Result<StageReport> {
+    let f = inspect(ctx.env, ctx.dataverse, ctx.fno, ctx.sink).await?;
+    let outcome = serde_json::to_value(&f).expect("findings serialise");
+    if !f.stale && !ctx.run.options.force {
+        return Ok(StageReport {
+            status: StageStatus::Skipped,
+            outcome,
+            then: Then::Finish(RunStatus::Skipped),
+            summary: format!("link is clean: {}", f.reason),
+            error: None,
+        });
+    }
+    let summary = if f.stale {
+        format!("stale link: {}", f.reason)
+    } else {
+        format!(
+            "link looks clean, going on because of --force: {}",
+            f.reason
+        )
+    };
+    Ok(StageReport {
+        status: StageStatus::Succeeded,
+        outcome,
+        then: Then::Continue,
+        summary,
+        error: None,
+    })
+}

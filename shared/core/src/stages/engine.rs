@@ -1,0 +1,234 @@
+//! The purge engine shared by `purge-keys` and `clear-dataverse-configs`: pages of what is left,
+//! archived before anything is deleted, batched deletes with bounded concurrency, passes until
+//! the table is empty, and a stop instead of a spin when rows keep failing.
+
+use std::collections::{HashMap, VecDeque};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use serde_json::{Value, json};
+
+use super::{DATAVERSE_TABLE, StageCtx};
+use crate::error::{Error, Result};
+use crate::ports::{ArchivedRow, BatchOutcome, Page};
+use crate::progress::Progress;
+
+/// A row that keeps failing to delete ends the stage after this many passes.
+const MAX_FAILURES_PER_ROW: u32 = 3;
+/// Passes that delete nothing before the stage gives up rather than spin.
+const MAX_IDLE_PASSES: u32 = 3;
+
+/// Running totals of one table's purge.
+#[derive(Default)]
+pub(super) struct Tally {
+    pub(super) found: usize,
+    pub(super) deleted: usize,
+    pub(super) already_gone: usize,
+    pub(super) batches: usize,
+}
+
+impl Tally {
+    pub(super) fn outcome(&self, dry_run: bool) -> Value {
+        if dry_run {
+            json!({"would_delete": self.found})
+        } else {
+            json!({"deleted": self.deleted, "already_gone": self.already_gone, "archived": self.found, "batches": self.batches})
+        }
+    }
+}
+
+/// A table whose rows a stage deletes: pages of what is left, and batched deletes.
+#[async_trait::async_trait]
+pub(super) trait Purgeable: Send + Sync {
+    /// The table name for archives and progress.
+    fn table(&self) -> &'static str;
+    /// The field of a row that holds its key.
+    fn key_field(&self) -> &str;
+    /// The first page of the rows still present.
+    async fn first_page(&self) -> Result<Page>;
+    /// The page after one whose `next_link` this is.
+    async fn next_page(&self, link: &str) -> Result<Page>;
+    /// Deletes rows by key in one request.
+    async fn delete(&self, keys: &[String]) -> Result<BatchOutcome>;
+    /// Deletes to send in the next request, at most `configured`.
+    fn batch_size(&self, configured: usize) -> usize {
+        configured
+    }
+    /// Requests to keep in flight, at most `configured`.
+    fn concurrency(&self, configured: usize) -> usize {
+        configured
+    }
+}
+
+/// Deletes every row of a table. One pass follows the pages from the first: each page is
+/// archived as it arrives, then its keys go out in batches, keeping up to `concurrency` batch
+/// requests in flight across page boundaries; the next page is read and archived while
+/// batches run (paging links are key-based, so deleting rows already read does not move
+/// them). Batch size and concurrency come from the table's pacing (Dataverse: DOP hint, time per
+/// delete). Passes repeat until the first page comes back empty; rows that keep failing stop
+/// the stage.
+pub(super) async fn purge_pages<'a>(
+    ctx: &'a StageCtx<'a>,
+    rows_of: &'a dyn Purgeable,
+    batch_size: usize,
+    concurrency: usize,
+) -> Result<Tally> {
+    enum Done {
+        Batch(Result<BatchOutcome>),
+        Page(Result<(Vec<String>, Option<String>)>),
+    }
+    type Work<'w> = std::pin::Pin<Box<dyn Future<Output = Done> + Send + 'w>>;
+
+    let table = rows_of.table();
+    let mut tally = Tally::default();
+    let mut failures: HashMap<String, u32> = HashMap::new();
+    let mut idle = 0;
+    loop {
+        let first = rows_of.first_page().await?;
+        if first.rows.is_empty() {
+            return Ok(tally);
+        }
+        let mut next_link = first.next_link;
+        let mut queue: VecDeque<String> = archive_page(ctx, rows_of, first.rows).await?.into();
+        tally.archived(ctx, table, queue.len());
+        let mut work: FuturesUnordered<Work<'a>> = FuturesUnordered::new();
+        let (mut batches, mut reading) = (0, false);
+        let mut pass_deleted = 0;
+        let mut first_error = None;
+        loop {
+            if first_error.is_none() {
+                let batch = rows_of.batch_size(batch_size).max(1);
+                let slots = rows_of.concurrency(concurrency);
+                // Read ahead once what is queued no longer fills every slot.
+                if !reading
+                    && queue.len() < slots * batch
+                    && let Some(link) = next_link.take()
+                {
+                    reading = true;
+                    work.push(Box::pin(async move {
+                        Done::Page(
+                            async {
+                                let page = rows_of.next_page(&link).await?;
+                                let keys = archive_page(ctx, rows_of, page.rows).await?;
+                                Ok((keys, page.next_link))
+                            }
+                            .await,
+                        )
+                    }));
+                }
+                while batches < slots && !queue.is_empty() {
+                    let n = batch.min(queue.len());
+                    let chunk: Vec<String> = queue.drain(..n).collect();
+                    batches += 1;
+                    work.push(Box::pin(async move {
+                        Done::Batch(rows_of.delete(&chunk).await)
+                    }));
+                }
+            }
+            let Some(done) = work.next().await else {
+                break;
+            };
+            match done {
+                Done::Page(Ok((keys, link))) => {
+                    reading = false;
+                    tally.archived(ctx, table, keys.len());
+                    queue.extend(keys);
+                    next_link = link;
+                }
+                Done::Page(Err(e)) => {
+                    reading = false;
+                    first_error.get_or_insert(e);
+                }
+                Done::Batch(Ok(o)) => {
+                    batches -= 1;
+                    tally.batches += 1;
+                    tally.deleted += o.deleted;
+                    tally.already_gone += o.already_gone;
+                    pass_deleted += o.deleted + o.already_gone;
+                    for (key, why) in o.failed {
+                        let n = failures.entry(key.clone()).or_default();
+                        *n += 1;
+                        if *n >= MAX_FAILURES_PER_ROW && first_error.is_none() {
+                            first_error = Some(Error::Unavailable {
+                                service: if table == DATAVERSE_TABLE {
+                                    "Dataverse"
+                                } else {
+                                    "F&O"
+                                },
+                                attempts: *n,
+                                detail: format!("row {key} of {table} could not be deleted: {why}"),
+                                retry_after: None,
+                            });
+                        }
+                    }
+                    ctx.sink.emit(Progress::Deleted {
+                        table,
+                        rows: tally.deleted + tally.already_gone,
+                    });
+                }
+                Done::Batch(Err(e)) => {
+                    batches -= 1;
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        idle = if pass_deleted == 0 { idle + 1 } else { 0 };
+        if idle >= MAX_IDLE_PASSES {
+            return Err(Error::Protocol {
+                service: "OData",
+                detail: format!(
+                    "{table} still lists rows that its deletes report as gone; try again later"
+                ),
+            });
+        }
+    }
+}
+
+impl Tally {
+    /// Counts rows archived and says so.
+    fn archived(&mut self, ctx: &StageCtx<'_>, table: &'static str, rows: usize) {
+        self.found += rows;
+        ctx.sink.emit(Progress::Archived {
+            table,
+            rows: self.found,
+        });
+    }
+}
+
+/// Archives a page (redacted) and returns its keys, in order.
+pub(super) async fn archive_page(
+    ctx: &StageCtx<'_>,
+    rows_of: &dyn Purgeable,
+    rows: Vec<Value>,
+) -> Result<Vec<String>> {
+    let table = rows_of.table();
+    let key_field = rows_of.key_field();
+    let mut keys = Vec::with_capacity(rows.len());
+    let mut archived = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let key = row
+            .get(key_field)
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::Protocol {
+                service: "OData",
+                detail: format!("{table} row without a string `{key_field}`"),
+            })?
+            .to_string();
+        archived.push(ArchivedRow {
+            table: table.to_string(),
+            key: key.clone(),
+            row: crate::redact::redact_row(row),
+        });
+        keys.push(key);
+    }
+    drop(rows);
+    if !archived.is_empty() {
+        ctx.store
+            .archive(&ctx.run.run_id, &ctx.env.id, &archived)
+            .await?;
+    }
+    Ok(keys)
+}

@@ -1,0 +1,87 @@
+//! The four stages and verification, one module each, with the guards and the purge engine they
+//! share. They depend only on the ports; every destructive stage re-confirms the Dataverse
+//! organisation's identity first, archives each page before deleting it, and accepts empty
+//! tables. Deleting re-reads the first page after each pass, so a stage interrupted half-way
+//! resumes with exactly the rows still present: nothing is deleted twice.
+//!
+//! - `guards`: production and organisation identity;
+//! - `detect`: `detect-mismatch` (read-only inventory and decision);
+//! - `purge`: `purge-keys` (the F&O key tables);
+//! - `clear`: `clear-dataverse-configs` (Dual Write Runtime Configurations);
+//! - `reset`: `reset-link` (the manual gate) and verification after the Reset;
+//! - `engine`: paging, archiving and batched deleting of one table, for purge and clear.
+
+mod clear;
+mod detect;
+mod engine;
+mod guards;
+mod purge;
+mod reset;
+
+pub use clear::clear_configs;
+pub use detect::{detect, inspect};
+pub use guards::{guard_identity, guard_production};
+pub use purge::purge_keys;
+pub use reset::{ManualReset, manual_instructions, reset_link, verify};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::model::{Run, RunStatus, StageStatus};
+use crate::ports::{DataverseApi, FnoApi, Organization, ProgressStore, ResetDriver};
+use crate::progress::ProgressSink;
+use crate::registry::EnvConfig;
+
+/// Table names used in archives and progress.
+pub const DATAVERSE_TABLE: &str = "msdyn_dualwriteruntimeconfig";
+/// F&O table behind `DualWriteProjectConfigurations`.
+pub const FNO_TABLE: &str = "DualWriteProjectConfiguration";
+
+/// What a stage needs: the environment, the run and the ports.
+pub struct StageCtx<'a> {
+    pub env: &'a EnvConfig,
+    pub run: &'a Run,
+    pub store: &'a dyn ProgressStore,
+    pub dataverse: &'a dyn DataverseApi,
+    pub fno: &'a dyn FnoApi,
+    pub reset: &'a dyn ResetDriver,
+    pub sink: &'a dyn ProgressSink,
+}
+
+/// How the run goes on after a stage.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Then {
+    /// Send the next stage's event.
+    Continue,
+    /// The run ends with this status.
+    Finish(RunStatus),
+    /// The run waits for an operator; the text says what to do.
+    Await(String),
+}
+
+/// A stage's result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageReport {
+    pub status: StageStatus,
+    pub outcome: Value,
+    pub then: Then,
+    /// One line for humans.
+    pub summary: String,
+    /// A problem to record on the stage although the run goes on (failed verification).
+    pub error: Option<String>,
+}
+
+/// What detection found, read-only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Findings {
+    pub organization: Organization,
+    /// The F&O URL Dataverse says it is integrated with, when it says.
+    pub fno_integration_url: Option<String>,
+    pub fno_project_configs: usize,
+    pub fno_pointing_elsewhere: usize,
+    pub fno_pointing_here: usize,
+    pub other_dataverse_urls: Vec<String>,
+    pub dataverse_runtime_configs: usize,
+    pub stale: bool,
+    pub reason: String,
+}

@@ -1,0 +1,136 @@
+//! `purge-keys`: archives, then deletes, the F&O `DualWriteProjectConfigurations` rows through
+//! OData, and the two tables without a public entity through the customer's purge service when
+//! one is configured (else the Reset clears them, and that is recorded).
+
+use serde_json::{Value, json};
+
+use super::engine::{Purgeable, Tally, purge_pages};
+use super::guards::guard_identity;
+use super::{FNO_TABLE, StageCtx, StageReport, Then};
+use crate::error::Result;
+use crate::model::StageStatus;
+use crate::ports::{BatchOutcome, FnoApi, Page, ServiceTable};
+
+struct ProjectConfigs<'a> {
+    fno: &'a dyn FnoApi,
+    page_size: usize,
+}
+
+#[async_trait::async_trait]
+impl Purgeable for ProjectConfigs<'_> {
+    fn table(&self) -> &'static str {
+        FNO_TABLE
+    }
+    fn key_field(&self) -> &str {
+        "ProjectName"
+    }
+    async fn first_page(&self) -> Result<Page> {
+        self.fno.project_configs(None, self.page_size).await
+    }
+    async fn next_page(&self, link: &str) -> Result<Page> {
+        self.fno.project_configs(Some(link), self.page_size).await
+    }
+    async fn delete(&self, keys: &[String]) -> Result<BatchOutcome> {
+        self.fno.delete_project_configs(keys).await
+    }
+}
+
+struct ServiceRows<'a> {
+    fno: &'a dyn FnoApi,
+    table: ServiceTable,
+}
+
+#[async_trait::async_trait]
+impl Purgeable for ServiceRows<'_> {
+    fn table(&self) -> &'static str {
+        self.table.as_str()
+    }
+    fn key_field(&self) -> &str {
+        "key"
+    }
+    async fn first_page(&self) -> Result<Page> {
+        Ok(Page {
+            rows: self.fno.service_rows(self.table).await?,
+            next_link: None,
+        })
+    }
+    async fn next_page(&self, _link: &str) -> Result<Page> {
+        unreachable!("the purge service answers in one page")
+    }
+    async fn delete(&self, keys: &[String]) -> Result<BatchOutcome> {
+        self.fno.service_delete(self.table, keys).await
+    }
+}
+
+/// Stage `purge-keys`: F&O key tables (OData, then the optional purge service). Archives first.
+pub async fn purge_keys(ctx: &StageCtx<'_>) -> Result<StageReport> {
+    guard_identity(ctx.env, ctx.dataverse).await?;
+    let dry = ctx.run.options.dry_run;
+    let limits = ctx.env.limits;
+    let mut outcome = serde_json::Map::new();
+    let configs = if dry {
+        let mut page = ctx.fno.project_configs(None, limits.fno_page_size).await?;
+        let mut found = page.rows.len();
+        while let Some(link) = page.next_link.take() {
+            page = ctx
+                .fno
+                .project_configs(Some(&link), limits.fno_page_size)
+                .await?;
+            found += page.rows.len();
+        }
+        Tally {
+            found,
+            ..Tally::default()
+        }
+    } else {
+        purge_pages(
+            ctx,
+            &ProjectConfigs {
+                fno: ctx.fno,
+                page_size: limits.fno_page_size,
+            },
+            limits.fno_batch_size,
+            1,
+        )
+        .await?
+    };
+    outcome.insert(FNO_TABLE.into(), configs.outcome(dry));
+    let mut summary = format!(
+        "{FNO_TABLE}: {} {}",
+        configs.found,
+        if dry { "would be deleted" } else { "deleted" }
+    );
+    for table in ServiceTable::ALL {
+        let name = table.as_str();
+        if !ctx.fno.has_purge_service() {
+            outcome.insert(name.into(), json!({"cleared_by": "reset", "note": "no fno_purge_service configured: Reset link clears this table"}));
+            continue;
+        }
+        let t = if dry {
+            Tally {
+                found: ctx.fno.service_rows(table).await?.len(),
+                ..Tally::default()
+            }
+        } else {
+            purge_pages(
+                ctx,
+                &ServiceRows {
+                    fno: ctx.fno,
+                    table,
+                },
+                limits.fno_batch_size,
+                1,
+            )
+            .await?
+        };
+        summary.push_str(&format!(", {name}: {}", t.found));
+        outcome.insert(name.into(), t.outcome(dry));
+    }
+    Ok(StageReport {
+        status: StageStatus::Succeeded,
+        outcome: Value::Object(outcome),
+        then: Then::Continue,
+        summary,
+        error: None,
+    })
+}

@@ -1,0 +1,334 @@
+//! HTTP adapters: one retry policy shared by every client (429 honouring `Retry-After`, 5xx and
+//! network errors with capped exponential backoff and full jitter), Entra ID tokens, the
+//! Dataverse Web API and F&O OData.
+
+pub mod batch;
+mod connector;
+pub mod dataverse;
+pub mod fno;
+pub mod token;
+
+pub use connector::HttpConnector;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use reqwest::{RequestBuilder, Response, StatusCode};
+use tokio::time::Instant;
+
+use relink_core::error::{Error, Result};
+use relink_core::ports::TokenSource;
+use relink_core::progress::{Progress, ProgressSink};
+
+/// How requests are retried. One policy serves every client.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    /// Attempts per request, the first included.
+    pub max_attempts: u32,
+    /// First backoff step for 5xx and network errors.
+    pub base: Duration,
+    /// Largest backoff step.
+    pub cap: Duration,
+    /// Longest `Retry-After` relink agrees to wait before giving up on a request.
+    pub max_retry_after: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 10,
+            base: Duration::from_millis(200),
+            cap: Duration::from_secs(30),
+            max_retry_after: Duration::from_secs(300),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Full-jitter exponential backoff for attempt `n` (1-based).
+    pub fn backoff(&self, n: u32) -> Duration {
+        let exp = self
+            .base
+            .saturating_mul(1u32 << n.saturating_sub(1).min(16));
+        let ceiling = exp.min(self.cap);
+        let ms =
+            rand::rng().random_range(ceiling.as_millis() as u64 / 2..=ceiling.as_millis() as u64);
+        Duration::from_millis(ms)
+    }
+}
+
+/// What a service is, for messages and credential hints.
+#[derive(Clone, Copy, Debug)]
+pub struct Service {
+    pub name: &'static str,
+    /// What to check when the service answers 401/403.
+    pub auth_hint: &'static str,
+}
+
+/// The shared HTTP client with the retry policy and per-service throttle gates.
+pub struct Http {
+    client: reqwest::Client,
+    policy: RetryPolicy,
+    sink: Arc<dyn ProgressSink>,
+    /// After a 429, no request to the same service and origin starts before this instant.
+    gates: Mutex<HashMap<String, Instant>>,
+}
+
+impl Http {
+    /// Builds the client (rustls, 120 s request timeout: Dataverse cuts requests at about 2 min).
+    pub fn new(policy: RetryPolicy, sink: Arc<dyn ProgressSink>) -> Result<Http> {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("relink/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(120))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Http {
+            client,
+            policy,
+            sink,
+            gates: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The underlying reqwest client, for building requests.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// Sends a request built by `build` (called once per attempt with the bearer token, if
+    /// `auth` is given), retrying throttling, 5xx and network errors. Returns the response for
+    /// success and 404; turns 401/403 into [`Error::Auth`] (after one token refresh on 401) and
+    /// other 4xx into [`Error::Http`].
+    pub async fn send(
+        &self,
+        service: Service,
+        auth: Option<(&dyn TokenSource, &str)>,
+        build: &(dyn Fn(Option<&str>) -> RequestBuilder + Send + Sync),
+    ) -> Result<Response> {
+        let mut attempt = 0;
+        let mut refreshed_token = false;
+        let mut last_retry_after = None;
+        loop {
+            attempt += 1;
+            let token = match auth {
+                Some((tokens, scope)) => Some(tokens.token(scope).await?),
+                None => None,
+            };
+            let request = build(token.as_deref())
+                .build()
+                .map_err(|e| Error::Protocol {
+                    service: service.name,
+                    detail: format!("cannot build request: {e}"),
+                })?;
+            let gate_key = format!(
+                "{} {}",
+                service.name,
+                request.url().origin().ascii_serialization()
+            );
+            self.wait_gate(&gate_key).await;
+            let (wait, status, detail) = match self.client.execute(request).await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    if status.is_success()
+                        || status.is_redirection()
+                        || status == StatusCode::NOT_FOUND
+                    {
+                        return Ok(resp);
+                    }
+                    if status == StatusCode::UNAUTHORIZED && auth.is_some() && !refreshed_token {
+                        // A token can expire or be revoked mid-run: fetch a fresh one once.
+                        refreshed_token = true;
+                        if let Some((tokens, scope)) = auth {
+                            tokens.invalidate(scope).await;
+                        }
+                        attempt -= 1;
+                        continue;
+                    }
+                    let retry_after = resp
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(parse_retry_after);
+                    let detail = error_detail(resp).await;
+                    match status.as_u16() {
+                        401 | 403 => {
+                            return Err(Error::Auth {
+                                service: service.name,
+                                status: status.as_u16(),
+                                detail: if detail.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(": {detail}")
+                                },
+                                hint: service.auth_hint,
+                            });
+                        }
+                        429 => {
+                            let ra = retry_after.unwrap_or_else(|| self.policy.backoff(attempt));
+                            if ra > self.policy.max_retry_after {
+                                return Err(Error::Unavailable {
+                                    service: service.name,
+                                    attempts: attempt,
+                                    detail: format!(
+                                        "throttled with Retry-After {}s, longer than relink waits",
+                                        ra.as_secs()
+                                    ),
+                                    retry_after: Some(ra),
+                                });
+                            }
+                            last_retry_after = Some(ra);
+                            self.close_gate(&gate_key, ra);
+                            (ra, Some(429), detail)
+                        }
+                        500 | 502 | 503 | 504 => {
+                            let wait = retry_after.unwrap_or_else(|| self.policy.backoff(attempt));
+                            (
+                                wait.min(self.policy.max_retry_after),
+                                Some(status.as_u16()),
+                                detail,
+                            )
+                        }
+                        code => {
+                            return Err(Error::Http {
+                                service: service.name,
+                                status: code,
+                                detail,
+                            });
+                        }
+                    }
+                }
+                Err(e) => (
+                    self.policy.backoff(attempt),
+                    None,
+                    relink_core::error::chain(&e),
+                ),
+            };
+            if attempt >= self.policy.max_attempts {
+                return Err(Error::Unavailable {
+                    service: service.name,
+                    attempts: attempt,
+                    detail: match status {
+                        Some(s) => format!("HTTP {s} {detail}"),
+                        None => detail,
+                    },
+                    retry_after: last_retry_after,
+                });
+            }
+            self.sink.emit(Progress::Retry {
+                service: service.name,
+                status,
+                wait,
+            });
+            tracing::debug!(service = service.name, ?status, wait_ms = wait.as_millis() as u64, %detail, "retrying");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn wait_gate(&self, key: &str) {
+        let until = self.gates.lock().expect("gate lock").get(key).copied();
+        if let Some(until) = until {
+            tokio::time::sleep_until(until).await;
+        }
+    }
+
+    fn close_gate(&self, key: &str, wait: Duration) {
+        let until = Instant::now() + wait;
+        let mut gates = self.gates.lock().expect("gate lock");
+        let slot = gates.entry(key.to_string()).or_insert(until);
+        if *slot < until {
+            *slot = until;
+        }
+    }
+}
+
+/// Parses `Retry-After`: seconds (integer or decimal), a .NET `hh:mm:ss` span, or an HTTP date.
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let parts: Vec<_> = v.split(':').collect();
+    if parts.len() == 3 && !v.contains(char::is_whitespace) {
+        let h: u64 = parts[0].parse().ok()?;
+        let m: u64 = parts[1].parse().ok()?;
+        let s: f64 = parts[2].parse().ok()?;
+        return Some(Duration::from_secs(h * 3600 + m * 60) + Duration::from_secs_f64(s));
+    }
+    let when = jiff::fmt::rfc2822::DateTimeParser::new()
+        .parse_timestamp(v)
+        .ok()?;
+    let now = jiff::Timestamp::now();
+    Some(if when > now {
+        Duration::try_from(when - now).ok()?
+    } else {
+        Duration::ZERO
+    })
+}
+
+/// The message of an OData / Entra error body, shortened, or the start of the body.
+async fn error_detail(resp: Response) -> String {
+    let text = resp.text().await.unwrap_or_default();
+    odata_error_message(&text)
+}
+
+/// Extracts `error.message` (OData) or `error_description` (Entra) from an error body.
+pub fn odata_error_message(text: &str) -> String {
+    let msg = serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .or_else(|| v.get("error_description"))
+                .or_else(|| v.get("error"))
+                .and_then(|m| m.as_str().map(str::to_string))
+        })
+        .unwrap_or_else(|| text.to_string());
+    let line = msg.lines().next().unwrap_or_default();
+    line.chars().take(300).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_accepts_seconds_spans_and_dates() {
+        assert_eq!(parse_retry_after("5"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_retry_after("1.5"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_retry_after("00:01:02"), Some(Duration::from_secs(62)));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(parse_retry_after("-1"), None);
+    }
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let p = RetryPolicy::default();
+        for n in 1..40 {
+            let d = p.backoff(n);
+            assert!(d <= p.cap, "{d:?}");
+        }
+        assert!(p.backoff(1) <= Duration::from_millis(200));
+    }
+
+    #[test]
+    fn odata_and_entra_errors_are_summarised() {
+        assert_eq!(
+            odata_error_message(r#"{"error":{"code":"0x1","message":"Bad thing\nstack"}}"#),
+            "Bad thing"
+        );
+        assert_eq!(
+            odata_error_message(
+                r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret."}"#
+            ),
+            "AADSTS7000215: Invalid client secret."
+        );
+    }
+}

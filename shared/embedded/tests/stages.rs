@@ -1,0 +1,163 @@
+//! Stage decisions against in-memory ports: no network. They live here because the archive they
+//! check needs a progress store, and the SQLite one runs in memory (the core cannot depend on
+//! an adapter crate).
+
+use relink_core::Error;
+use relink_core::fakes::{DV, FakeDataverse, FakeFno, dataverse, env, fno};
+use relink_core::model::{Run, RunOptions, RunStatus, StageStatus, Trigger};
+use relink_core::progress::TracingSink;
+use relink_core::stages::*;
+use relink_embedded::SqliteStore;
+
+async fn with_ctx<T>(
+    dv: &FakeDataverse,
+    fno: &FakeFno,
+    options: RunOptions,
+    f: impl AsyncFnOnce(&StageCtx<'_>) -> T,
+) -> T {
+    let env = env();
+    let store = SqliteStore::in_memory().unwrap();
+    let run = Run::new(
+        "01JDQ4N9Z3W8B7C6X5V4T3S2R1".into(),
+        "uat".into(),
+        options,
+        Trigger::default(),
+    );
+    let ctx = StageCtx {
+        env: &env,
+        run: &run,
+        store: &store,
+        dataverse: dv,
+        fno,
+        reset: &ManualReset,
+        sink: &TracingSink,
+    };
+    f(&ctx).await
+}
+
+#[tokio::test]
+async fn configs_pointing_at_another_dataverse_are_stale() {
+    let (dv, fno) = (dataverse(5), fno(&["https://PROD.crm.dynamics.com/", DV]));
+    let r = with_ctx(&dv, &fno, RunOptions::default(), async |c| {
+        detect(c).await.unwrap()
+    })
+    .await;
+    assert_eq!(r.then, Then::Continue);
+    assert_eq!(r.outcome["fno_pointing_elsewhere"], 1);
+    assert_eq!(
+        r.outcome["other_dataverse_urls"][0],
+        "https://prod.crm.dynamics.com"
+    );
+}
+
+#[tokio::test]
+async fn a_clean_link_is_skipped_unless_forced() {
+    let (dv, fno) = (dataverse(5), fno(&[&format!("{DV}/")]));
+    let r = with_ctx(&dv, &fno, RunOptions::default(), async |c| {
+        detect(c).await.unwrap()
+    })
+    .await;
+    assert_eq!(
+        (r.status, r.then),
+        (StageStatus::Skipped, Then::Finish(RunStatus::Skipped))
+    );
+    let forced = with_ctx(
+        &dv,
+        &fno,
+        RunOptions {
+            force: true,
+            dry_run: false,
+        },
+        async |c| detect(c).await.unwrap(),
+    )
+    .await;
+    assert_eq!(forced.then, Then::Continue);
+    // Leftover runtime configs with no F&O link at all are stale too.
+    let r = with_ctx(&dv, &fno_rows_none(), RunOptions::default(), async |c| {
+        detect(c).await.unwrap()
+    })
+    .await;
+    assert_eq!(r.then, Then::Continue);
+}
+
+fn fno_rows_none() -> FakeFno {
+    fno(&[])
+}
+
+#[tokio::test]
+async fn identity_and_integration_mismatches_are_refused() {
+    let mut dv = dataverse(5);
+    dv.unique_name = "orgprod";
+    let f = fno(&["https://prod.crm.dynamics.com"]);
+    let e = with_ctx(&dv, &f, RunOptions::default(), async |c| {
+        clear_configs(c).await.unwrap_err()
+    })
+    .await;
+    assert!(matches!(e, Error::Refused(_)), "{e}");
+    assert_eq!(dv.rows.lock().unwrap().len(), 5, "nothing deleted");
+    let mut dv = dataverse(5);
+    dv.integrated = Some("https://other.operations.dynamics.com");
+    let e = with_ctx(&dv, &f, RunOptions::default(), async |c| {
+        detect(c).await.unwrap_err()
+    })
+    .await;
+    assert!(e.to_string().contains("integrated with F&O"), "{e}");
+}
+
+#[tokio::test]
+async fn clearing_pages_archives_every_row_before_deleting_it() {
+    let (dv, f) = (dataverse(25), fno(&[]));
+    let (r, archived) = with_ctx(&dv, &f, RunOptions::default(), async |c| {
+        let r = clear_configs(c).await.unwrap();
+        (r, c.store.archived(&c.run.run_id).await.unwrap().len())
+    })
+    .await;
+    assert_eq!(r.outcome["deleted"], 25);
+    assert_eq!(
+        r.outcome["batches"], 10,
+        "pages of 10, 10, 5 in batches of 3"
+    );
+    assert_eq!(archived, 25);
+    assert!(dv.rows.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn dry_run_counts_across_pages_and_deletes_nothing() {
+    let (dv, f) = (dataverse(25), fno(&["https://prod.crm.dynamics.com"]));
+    let r = with_ctx(
+        &dv,
+        &f,
+        RunOptions {
+            dry_run: true,
+            force: false,
+        },
+        async |c| clear_configs(c).await.unwrap(),
+    )
+    .await;
+    assert_eq!(r.outcome["would_delete"], 25);
+    let p = with_ctx(
+        &dv,
+        &f,
+        RunOptions {
+            dry_run: true,
+            force: false,
+        },
+        async |c| purge_keys(c).await.unwrap(),
+    )
+    .await;
+    assert_eq!(p.outcome[FNO_TABLE]["would_delete"], 1);
+    assert_eq!(dv.rows.lock().unwrap().len(), 25);
+    assert_eq!(f.rows.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_row_that_keeps_failing_stops_the_stage_instead_of_looping() {
+    let mut dv = dataverse(4);
+    dv.stuck = vec!["0002".into()];
+    let e = with_ctx(&dv, &fno(&[]), RunOptions::default(), async |c| {
+        clear_configs(c).await.unwrap_err()
+    })
+    .await;
+    assert!(e.is_retryable() && e.to_string().contains("0002"), "{e}");
+    assert_eq!(dv.rows.lock().unwrap().len(), 1, "the other rows are gone");
+}
