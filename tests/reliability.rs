@@ -847,7 +847,7 @@ async fn s15_production_is_refused() {
 
 #[tokio::test]
 async fn s16_forged_and_replayed_notifications() {
-    use relink_aws::ingest::{IngestDeps, ingest};
+    use relink_aws::ingest::{IngestDeps, NotifyKey, ingest};
     use relink_aws::registry::TableRegistry;
     use relink_aws::sqs::SqsQueue;
     use relink_core::notify::sign;
@@ -870,7 +870,7 @@ async fn s16_forged_and_replayed_notifications() {
             a.sqs.clone(),
             HashMap::from([(Stage::DetectMismatch, detect)]),
         )),
-        secret: Secret::new(hook),
+        secret: NotifyKey::Value(Secret::new(hook)),
     };
     let post = async |body: &str, key: &[u8], ts: i64| {
         ingest(
@@ -983,6 +983,93 @@ async fn s17_plain_http_to_a_remote_host_is_refused() {
             also_secret: vec![],
         },
         "`env push` exit 2; the hand-written entry's event rejected with the reason while the other environment ran",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s18_a_table_entry_cannot_send_the_functions_environment_anywhere() {
+    let (a, rows) = world(Spec::default()).await;
+    let text = std::fs::read_to_string(&a.w.config).unwrap();
+    // Written straight into the table: the "secret" is the worker's own AWS secret key.
+    let mut entry = relink_core::registry::Registry::entry_json(&text, ENV).unwrap();
+    entry["client_secret"] = serde_json::json!({"env": "AWS_SECRET_ACCESS_KEY"});
+    a.store()
+        .await
+        .put_entry("envsecret", &entry)
+        .await
+        .unwrap();
+    a.send_raw(Stage::DetectMismatch, r#"{"environment_id":"envsecret"}"#)
+        .await;
+    let run_id = a.inject(ENV).await;
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    let rejected = a.status_json(&["--rejected"]).await;
+    let errors: Vec<&str> = rejected
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["error"].as_str().unwrap())
+        .collect();
+    assert!(
+        errors.len() == 1
+            && errors[0].contains("AWS_SECRET_ACCESS_KEY")
+            && errors[0].contains("secret_arn"),
+        "{errors:?}"
+    );
+    assert_eq!(
+        a.w.sim.snapshot().wrong_secrets,
+        0,
+        "no token request carried a secret that was not the app's"
+    );
+    a.conclude(
+        Scenario {
+            id: "18-env-secret-in-table",
+            title: "A table entry naming the functions' own environment as its secret",
+            injected: "`client_secret = { env = \"AWS_SECRET_ACCESS_KEY\" }` written straight into the table, then an event for it",
+            runs: awaiting(&run_id),
+            rows_expected: rows,
+            also_secret: vec![],
+        },
+        "the entry's event was rejected naming secret_arn; nothing read the variable, no token request was sent for it; the other environment ran",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s19_a_table_entry_cannot_send_the_secret_to_a_host_of_its_choosing() {
+    let (a, rows) = world(Spec::default()).await;
+    let text = std::fs::read_to_string(&a.w.config).unwrap();
+    // Written straight into the table: a valid secret, sent to an authority the entry chose.
+    let mut entry = relink_core::registry::Registry::entry_json(&text, ENV).unwrap();
+    entry["authority"] = "https://login.microsoftonline.com.attacker.example".into();
+    a.store().await.put_entry("stealer", &entry).await.unwrap();
+    a.send_raw(Stage::DetectMismatch, r#"{"environment_id":"stealer"}"#)
+        .await;
+    let run_id = a.inject(ENV).await;
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    let rejected = a.status_json(&["--rejected"]).await;
+    let errors: Vec<&str> = rejected
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["error"].as_str().unwrap())
+        .collect();
+    assert!(
+        errors.len() == 1 && errors[0].contains("not a host relink sends credentials to"),
+        "{errors:?}"
+    );
+    a.conclude(
+        Scenario {
+            id: "19-credential-host-allow-list",
+            title: "A table entry sending the client secret to a host of its choosing",
+            injected: "`authority = \"https://login.microsoftonline.com.attacker.example\"` written straight into the table, then an event for it",
+            runs: awaiting(&run_id),
+            rows_expected: rows,
+            also_secret: vec![],
+        },
+        "the entry's event was rejected naming the allow-list; no token request left relink for it; the other environment ran",
     )
     .await;
 }

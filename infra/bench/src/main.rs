@@ -387,7 +387,6 @@ const FUNCTIONS: [&str; 6] = [
 ];
 const HELLO: &str = "bench-hello";
 const SIZE_TARGET_MB: f64 = 8.0;
-const COLD_TARGET: f64 = 1.5;
 
 /// Every benchmark, one report.
 async fn all(lambda_dir: &Path, cold_runs: usize, fan_out: usize, out: &Path) -> Result<()> {
@@ -479,54 +478,34 @@ async fn cold_section(lambda_dir: &Path, runs: usize) -> Result<String> {
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
     let measured = coldstart::measure(&binaries, runs, &env).await?;
-    // The same binaries with the set-up left to the first invocation (RELINK_SETUP=lazy).
-    let mut lazy_env = env.clone();
-    lazy_env.push(("RELINK_SETUP".into(), "lazy".into()));
-    let lazy = coldstart::measure(&binaries[1..], runs, &lazy_env).await?;
     let hello = measured[0].median();
     let ratio = |m: &coldstart::ColdStart| m.median().as_secs_f64() / hello.as_secs_f64();
     let mut rows = String::new();
     let mut worst: f64 = 0.0;
-    let mut worst_lazy: f64 = 0.0;
     for m in &measured {
-        let lazy = lazy.iter().find(|l| l.name == m.name);
         if m.name != HELLO {
             worst = worst.max(ratio(m));
         }
-        if let Some(l) = lazy {
-            worst_lazy = worst_lazy.max(ratio(l));
-        }
         let path = binary(lambda_dir, arch, &m.name);
         rows.push_str(&format!(
-            "| {} | {:.2} ms | {:.2} ms | {:.2}x | {} | {} |\n",
+            "| {} | {:.2} ms | {:.2} ms | {:.2}x | {} |\n",
             m.name,
             m.median().as_secs_f64() * 1000.0,
             m.p90().as_secs_f64() * 1000.0,
             ratio(m),
-            lazy.map_or("".into(), |l| format!(
-                "{:.2} ms ({:.2}x)",
-                l.median().as_secs_f64() * 1000.0,
-                ratio(l)
-            )),
             relocations(&path).map_or("?".into(), |n| n.to_string()),
         ));
     }
     Ok(format!(
-        "## Cold start\n\n\
+        "## Cold start: time to the first poll (secondary)\n\n\
          Time from spawning the {arch} `bootstrap` to its first `GET /2018-06-01/runtime/invocation/next` on a minimal Lambda \
-         Runtime API endpoint that relink-bench serves on 127.0.0.1; {runs} runs per binary, interleaved. The functions get the \
-         environment the template gives them. They build their SDK configuration and clients and load the registry (DynamoDB and \
-         Secrets Manager connections: the TLS handshakes) on a background task from their first instant, so the runtime polls \
-         at once and the first event finds the connections open; an event that arrives before the build is done waits for \
-         the rest of it. Target: at most {COLD_TARGET}x the hello-world `lambda_runtime` binary. Worst function: **{worst:.2}x** \
-         as deployed. The last column is the same binary with `RELINK_SETUP=lazy` (set-up on the first invocation): worst \
-         **{worst_lazy:.2}x**. What stands between the default and the target is, first, the set-up itself running on a second \
-         thread while the runtime makes its first request (the difference between the two columns), and then loading a 6 MB \
-         position-independent binary whose dynamic relocations (last column, from the ELF) the loader applies before `main`, ten \
-         times the baseline's. relink keeps the background set-up by default, because the first event then finds the clients \
-         built and the TLS connections open instead of waiting for both, and keeps PIE, because a non-PIE build would give up \
-         address-space randomisation of the code.\n\n\
-         | binary | median | p90 | median / hello-world | lazy set-up: median | dynamic relocations |\n| --- | ---: | ---: | ---: | ---: | ---: |\n{rows}\n"
+         Runtime API endpoint that relink-bench serves on 127.0.0.1; {runs} runs per binary, interleaved, with the environment \
+         the template gives the functions. The functions build their SDK configuration and clients in `main`, before the first \
+         poll, so this is their init time against a hello-world `lambda_runtime` binary; what a cold start costs an event is \
+         the section \"Cold first event\". Worst function: **{worst:.2}x** the hello-world binary. The last column counts the \
+         dynamic relocations the loader applies before `main` (PIE is kept: a non-PIE build would give up address-space \
+         randomisation of the code).\n\n\
+         | binary | median | p90 | median / hello-world | dynamic relocations |\n| --- | ---: | ---: | ---: | ---: |\n{rows}\n"
     ))
 }
 

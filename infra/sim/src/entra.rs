@@ -52,6 +52,7 @@ pub(crate) fn token(shared: &Shared, tenant: &str, body: &[u8]) -> Response {
             );
         }
         Some(s) if *s != secret => {
+            st.snapshot.wrong_secrets += 1;
             return entra_error(
                 StatusCode::UNAUTHORIZED,
                 "invalid_client",

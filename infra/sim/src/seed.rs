@@ -240,4 +240,6 @@ pub struct Snapshot {
     pub stalled_batches: usize,
     /// `$batch` requests that waited while `hold_batches` was set.
     pub held_batches: usize,
+    /// Token requests refused because the client secret was not the app's.
+    pub wrong_secrets: usize,
 }

@@ -23,6 +23,8 @@ use relink_core::ports::{ProgressStore, StageQueue};
 use relink_core::registry::Secret;
 use relink_core::trigger::{Started, start_run};
 
+use crate::secrets::SecretResolver;
+
 /// What the function is built from, once.
 pub struct IngestDeps {
     pub registry: Arc<dyn RegistrySource>,
@@ -30,7 +32,26 @@ pub struct IngestDeps {
     /// Sends to the detect-mismatch queue only.
     pub queue: Arc<dyn StageQueue>,
     /// The shared HMAC secret.
-    pub secret: Secret,
+    pub secret: NotifyKey,
+}
+
+/// The notification signing key: fixed (`RELINK_NOTIFY_SECRET`), or read from Secrets Manager
+/// per notification through the resolver's cache, so a rotated key takes effect within
+/// `SECRET_TTL` without a cold start, and the function's init makes no network call.
+pub enum NotifyKey {
+    /// A key given to the function directly.
+    Value(Secret),
+    /// A Secrets Manager secret (`NOTIFY_SECRET_ARN`).
+    Stored(Arc<SecretResolver>, String),
+}
+
+impl NotifyKey {
+    async fn get(&self) -> Result<Secret> {
+        match self {
+            NotifyKey::Value(s) => Ok(s.clone()),
+            NotifyKey::Stored(store, arn) => store.get(arn).await,
+        }
+    }
 }
 
 /// An HTTP answer.
@@ -64,13 +85,11 @@ pub async fn ingest(
     body: &[u8],
     now: Timestamp,
 ) -> Answer {
-    if let Err(r) = notify::verify(
-        deps.secret.expose().as_bytes(),
-        timestamp,
-        signature,
-        body,
-        now,
-    ) {
+    let key = match deps.secret.get().await {
+        Ok(key) => key,
+        Err(e) => return unavailable(&e),
+    };
+    if let Err(r) = notify::verify(key.expose().as_bytes(), timestamp, signature, body, now) {
         tracing::warn!(reason = r.reason(), "notification refused");
         return answer(r.status(), json!({"error": r.reason()}));
     }
@@ -169,19 +188,19 @@ pub async fn handle_url(
 /// The whole `main` of the ingest function: `RELINK_TABLE`, `DETECT_QUEUE_URL`, and the HMAC
 /// secret from `NOTIFY_SECRET_ARN` (Secrets Manager) or `RELINK_NOTIFY_SECRET`.
 pub async fn run_function() -> Result<(), lambda_runtime::Error> {
-    crate::lambda::serve(
-        || Box::pin(ingest_deps()),
-        |deps, event| Box::pin(handle_url(deps, event)),
-    )
+    crate::lambda::serve(ingest_deps(), |deps, event| {
+        Box::pin(handle_url(deps, event))
+    })
     .await
 }
 
 async fn ingest_deps() -> Result<IngestDeps> {
     let (config, store) = crate::function_base().await?;
-    let secrets = crate::secrets::SecretResolver::new(&config);
     let secret = match std::env::var("NOTIFY_SECRET_ARN") {
-        Ok(arn) if !arn.is_empty() => secrets.get(&arn).await?,
-        _ => Secret::new(crate::env_var("RELINK_NOTIFY_SECRET")?),
+        Ok(arn) if !arn.is_empty() => {
+            NotifyKey::Stored(Arc::new(SecretResolver::new(&config)), arn)
+        }
+        _ => NotifyKey::Value(Secret::new(crate::env_var("RELINK_NOTIFY_SECRET")?)),
     };
     let registry: Arc<dyn RegistrySource> =
         Arc::new(crate::registry::TableRegistry::new(store.clone()));
@@ -211,7 +230,7 @@ mod tests {
             registry: Arc::new(StaticRegistry(Arc::new(registry))),
             store: Arc::new(SqliteStore::in_memory().unwrap()),
             queue: queue.clone(),
-            secret: Secret::new(SECRET),
+            secret: NotifyKey::Value(Secret::new(SECRET)),
         };
         (deps, queue)
     }

@@ -226,85 +226,37 @@ impl FunctionDeps {
 /// How long a run keeps its environment while the next stage's event is in flight.
 pub const HANDOVER_GRACE: Duration = Duration::from_secs(900);
 
-/// What a function builds at start-up (SDK configuration, clients, TLS trust stores, then the
-/// registry with its DynamoDB and Secrets Manager connections), built on a background task from
-/// the moment the process starts. The runtime polls for its first event at once instead of
-/// after all of that (the cold start in docs/BENCHMARKS.md); each invocation awaits it, and it
-/// is normally ready by the time the event arrives. If building fails, the invocation reports
-/// the error and the next one tries again.
+/// The whole `main` of every function: JSON logs, then the function's clients built once (SDK
+/// configuration, DynamoDB, SQS, Secrets Manager, the HTTP client), then the Lambda runtime loop,
+/// each invocation handled by `handler` with them. A set-up that fails ends the init with the
+/// error, as Lambda expects (it reports an init error and starts another environment).
 ///
-/// `RELINK_SETUP=lazy` builds on the first invocation instead: the runtime's first poll comes
-/// sooner still (nothing competes with it for the CPU), but the first event then waits for the
-/// whole set-up and its TLS handshakes. docs/BENCHMARKS.md measures both.
-pub struct Deferred<T> {
-    cell: tokio::sync::OnceCell<T>,
-    make: Box<dyn Fn() -> BoxFuture<'static, Result<T>> + Send + Sync>,
-}
-
-impl<T: Send + Sync + 'static> Deferred<T> {
-    /// Starts building at once, in the background.
-    pub fn start(
-        make: impl Fn() -> BoxFuture<'static, Result<T>> + Send + Sync + 'static,
-    ) -> Arc<Deferred<T>> {
-        let deferred = Arc::new(Deferred {
-            cell: tokio::sync::OnceCell::new(),
-            make: Box::new(make),
-        });
-        if std::env::var("RELINK_SETUP").as_deref() != Ok("lazy") {
-            let background = deferred.clone();
-            tokio::spawn(async move {
-                if let Err(e) = background.get().await {
-                    tracing::error!(error = %e, "start-up failed; the next invocation tries again");
-                }
-            });
-        }
-        deferred
-    }
-
-    /// The built value, waiting for the build in progress (or starting another after a failure).
-    pub async fn get(&self) -> Result<&T> {
-        self.cell.get_or_try_init(|| (self.make)()).await
-    }
-}
-
-/// The whole `main` of every function: JSON logs, the set-up started (see [`Deferred`]), then
-/// the Lambda runtime loop, each invocation handled by `handler` with the built dependencies.
+/// Building in `main` was measured against building on a background task while the runtime
+/// polls, and against building on the first invocation (docs/BENCHMARKS.md, "Cold first
+/// event"): on an on-demand cold start the event is already waiting, so the background task
+/// bought nothing on the first event, and the plain shape is the one kept.
 pub async fn serve<D, E, R>(
-    build: impl Fn() -> BoxFuture<'static, Result<D>> + Send + Sync + 'static,
-    handler: impl for<'a> Fn(&'a D, LambdaEvent<E>) -> BoxFuture<'a, Result<R, lambda_runtime::Error>>
-    + Send
-    + Sync
-    + 'static,
+    build: impl Future<Output = Result<D>>,
+    handler: impl for<'a> Fn(&'a D, LambdaEvent<E>) -> BoxFuture<'a, Result<R, lambda_runtime::Error>>,
 ) -> Result<(), lambda_runtime::Error>
 where
-    D: Send + Sync + 'static,
     E: serde::de::DeserializeOwned + Send + 'static,
     R: serde::Serialize + Send + 'static,
 {
     init_tracing();
-    let handler = Arc::new(handler);
-    if std::env::var("RELINK_SETUP").as_deref() == Ok("main") {
-        let deps = Arc::new(build().await?);
-        return lambda_runtime::run(lambda_runtime::service_fn(move |event: LambdaEvent<E>| {
-            let (deps, handler) = (deps.clone(), handler.clone());
-            async move { handler(&deps, event).await }
-        }))
-        .await;
-    }
-    let deps = Deferred::start(build);
-    lambda_runtime::run(lambda_runtime::service_fn(move |event: LambdaEvent<E>| {
-        let (deps, handler) = (deps.clone(), handler.clone());
-        async move { handler(deps.get().await?, event).await }
-    }))
+    let deps = build.await?;
+    let (deps, handler) = (&deps, &handler);
+    lambda_runtime::run(lambda_runtime::service_fn(
+        move |event: LambdaEvent<E>| async move { handler(deps, event).await },
+    ))
     .await
 }
 
 /// The `main` of a stage function.
 pub async fn run_function(stage: Stage) -> Result<(), lambda_runtime::Error> {
-    serve(
-        move || Box::pin(async move { FunctionDeps::from_env(stage).await }),
-        |deps, event| Box::pin(handle_batch(deps, event)),
-    )
+    serve(FunctionDeps::from_env(stage), |deps, event| {
+        Box::pin(handle_batch(deps, event))
+    })
     .await
 }
 

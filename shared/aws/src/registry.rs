@@ -30,7 +30,7 @@ impl TableRegistry {
 impl RegistrySource for TableRegistry {
     async fn registry(&self) -> Result<Arc<Registry>> {
         let entries = self.store.entries().await?;
-        Ok(Arc::new(Registry::from_entries(&entries, |_| None)))
+        Ok(Arc::new(Registry::from_entries(&entries)))
     }
 
     async fn entry(&self, environment_id: &str) -> Result<EnvConfig> {
@@ -39,7 +39,7 @@ impl RegistrySource for TableRegistry {
             .entry(environment_id)
             .await?
             .ok_or_else(|| Error::UnknownEnvironment(environment_id.to_string()))?;
-        Registry::from_entries(&[(environment_id.to_string(), entry)], |_| None)
+        Registry::from_entries(&[(environment_id.to_string(), entry)])
             .get(environment_id)
             .cloned()
     }

@@ -361,7 +361,7 @@ impl Watcher {
 /// The whole `main` of the watch-restores function (EventBridge schedule).
 pub async fn run_function() -> Result<(), lambda_runtime::Error> {
     crate::lambda::serve(
-        || Box::pin(watcher()),
+        watcher(),
         |watcher, _: lambda_runtime::LambdaEvent<Value>| {
             Box::pin(async move { Ok(serde_json::to_value(watcher.poll().await?)?) })
         },

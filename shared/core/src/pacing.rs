@@ -82,7 +82,7 @@ impl Pacer {
                 let fits = match st.time_remaining {
                     None => true,
                     Some(left) => {
-                        Duration::from_secs_f64(left.max(0.0)) >= st.in_flight_cost + cost
+                        Duration::from_secs_f64(left.clamp(0.0, 1e9)) >= st.in_flight_cost + cost
                     }
                 };
                 if fits || st.in_flight == 0 {
@@ -135,8 +135,12 @@ impl Signals {
     /// Reads the signals through `header`, which returns a header's value by (lower-case) name.
     /// Values may carry thousands separators (`1,199.53`).
     pub fn read<'h>(header: impl Fn(&str) -> Option<&'h str>) -> Signals {
-        let number =
-            |name: &str| header(name).and_then(|s| s.trim().replace(',', "").parse::<f64>().ok());
+        // Only finite, non-negative numbers count: `inf`, `NaN` or `-1` from a server say nothing.
+        let number = |name: &str| {
+            header(name)
+                .and_then(|s| s.trim().replace(',', "").parse::<f64>().ok())
+                .filter(|n| n.is_finite() && *n >= 0.0)
+        };
         Signals {
             dop_hint: number("x-ms-dop-hint"),
             time_remaining: number("x-ms-ratelimit-time-remaining-xrm-requests"),
@@ -146,7 +150,7 @@ impl Signals {
 
 fn observe(st: &mut State, signals: Signals) {
     if let Some(d) = signals.dop_hint.filter(|d| *d >= 1.0) {
-        st.dop_hint = Some(d as usize);
+        st.dop_hint = Some(d.min(1e6) as usize);
     }
     if let Some(t) = signals.time_remaining {
         st.time_remaining = Some(t);
@@ -184,6 +188,23 @@ mod tests {
         // Slow deletes (200 ms each) shrink the batch to what fits in TARGET_BATCH.
         p.lock().per_op = Some(Duration::from_millis(200));
         assert_eq!(p.batch_size(1000), 150);
+    }
+
+    #[tokio::test]
+    async fn absurd_signals_are_ignored_without_panicking() {
+        let p = Pacer::default();
+        for (dop, left) in [
+            ("inf", "inf"),
+            ("NaN", "1e400"),
+            ("-3", "-1"),
+            ("1e300", "1e300"),
+        ] {
+            let b = p.admit(10).await;
+            p.finish(b, Some(headers(dop, left)));
+            assert!(p.concurrency(8) >= 1 && p.concurrency(8) <= 8);
+            let b = p.admit(10).await;
+            p.finish(b, None);
+        }
     }
 
     #[tokio::test]

@@ -134,11 +134,24 @@ impl Http {
             let (wait, status, detail) = match self.client.execute(request).await {
                 Ok(resp) => {
                     let status = resp.status();
-                    if status.is_success()
-                        || status.is_redirection()
-                        || status == StatusCode::NOT_FOUND
-                    {
+                    if status.is_success() || status == StatusCode::NOT_FOUND {
                         return Ok(resp);
+                    }
+                    if status.is_redirection() {
+                        // relink follows no redirect: the registered URL must be the service's.
+                        let to = resp
+                            .headers()
+                            .get(reqwest::header::LOCATION)
+                            .and_then(|v| v.to_str().ok())
+                            .map(|l| l.chars().take(200).collect::<String>())
+                            .unwrap_or_default();
+                        return Err(Error::Protocol {
+                            service: service.name,
+                            detail: format!(
+                                "answered HTTP {} (a redirect to {to:?}) instead of an answer; relink follows no redirects: check the URL in the registry",
+                                status.as_u16()
+                            ),
+                        });
                     }
                     if status == StatusCode::UNAUTHORIZED && auth.is_some() && !refreshed_token {
                         // A token can expire or be revoked mid-run: fetch a fresh one once.
@@ -248,32 +261,45 @@ impl Http {
 
 /// Parses `Retry-After`: seconds (integer or decimal), a .NET `hh:mm:ss` span, or an HTTP date.
 pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    // A server's number is clamped before any arithmetic: `1e300` or `99999999999:0:0` must not
+    // overflow (the caller then refuses waits longer than its policy allows).
+    const MAX: f64 = 7.0 * 24.0 * 3600.0;
+    let secs = |s: f64| (s.is_finite() && s >= 0.0).then(|| Duration::from_secs_f64(s.min(MAX)));
     let v = v.trim();
-    if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    if let Ok(n) = v.parse::<f64>() {
+        return secs(n);
     }
     let parts: Vec<_> = v.split(':').collect();
     if parts.len() == 3 && !v.contains(char::is_whitespace) {
-        let h: u64 = parts[0].parse().ok()?;
-        let m: u64 = parts[1].parse().ok()?;
+        let h: f64 = parts[0].parse::<u64>().ok()? as f64;
+        let m: f64 = parts[1].parse::<u64>().ok()? as f64;
         let s: f64 = parts[2].parse().ok()?;
-        return Some(Duration::from_secs(h * 3600 + m * 60) + Duration::from_secs_f64(s));
+        return secs(h * 3600.0 + m * 60.0 + s);
     }
     let when = jiff::fmt::rfc2822::DateTimeParser::new()
         .parse_timestamp(v)
         .ok()?;
     let now = jiff::Timestamp::now();
-    Some(if when > now {
-        Duration::try_from(when - now).ok()?
-    } else {
-        Duration::ZERO
-    })
+    if when <= now {
+        return Some(Duration::ZERO);
+    }
+    secs(Duration::try_from(when - now).ok()?.as_secs_f64())
 }
 
-/// The message of an OData / Entra error body, shortened, or the start of the body.
-async fn error_detail(resp: Response) -> String {
-    let text = resp.text().await.unwrap_or_default();
-    odata_error_message(&text)
+/// Most of an error body relink reads: enough for any OData or Entra error message, and a
+/// bound on what a hostile server can make it hold.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+async fn error_detail(mut resp: Response) -> String {
+    let mut body = Vec::new();
+    while body.len() < MAX_ERROR_BODY {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    body.truncate(MAX_ERROR_BODY);
+    odata_error_message(&String::from_utf8_lossy(&body))
 }
 
 /// Extracts `error.message` (OData) or `error_description` (Entra) from an error body.
@@ -306,6 +332,11 @@ mod tests {
         );
         assert_eq!(parse_retry_after("soon"), None);
         assert_eq!(parse_retry_after("-1"), None);
+        // Absurd values are clamped, never an overflow or a panic.
+        let week = Some(Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(parse_retry_after("1e300"), week);
+        assert_eq!(parse_retry_after("inf"), None);
+        assert_eq!(parse_retry_after("18446744073709551615:59:59"), week);
     }
 
     #[test]

@@ -283,16 +283,15 @@ impl Registry {
     /// Builds a registry from entries stored one by one (the AWS table holds each entry as the
     /// JSON form of its `[environments.ID]` table). An entry that fails validation (written by
     /// hand, or by an older relink) is kept aside with its reason: events for it are refused
-    /// with that reason, and every other environment keeps working.
-    pub fn from_entries(
-        entries: &[(String, serde_json::Value)],
-        lookup: impl Fn(&str) -> Option<String>,
-    ) -> Registry {
+    /// with that reason, and every other environment keeps working. Their secrets are Secrets
+    /// Manager ARNs, resolved later; the process environment is never read.
+    pub fn from_entries(entries: &[(String, serde_json::Value)]) -> Registry {
         let mut registry = Registry::default();
         for (id, value) in entries {
             let cfg = serde_json::from_value::<RawEnv>(value.clone())
                 .map_err(|e| e.to_string())
-                .and_then(|raw| validate(id, raw, &lookup).map_err(strip_prefix));
+                .and_then(|raw| only_stored_secrets(&raw).map(|()| raw))
+                .and_then(|raw| validate(id, raw, &|_: &str| None).map_err(strip_prefix));
             match cfg {
                 Ok(cfg) => {
                     registry.environments.insert(id.clone(), cfg);
@@ -369,10 +368,11 @@ fn validate(id: &str, raw: RawEnv, lookup: &impl Fn(&str) -> Option<String>) -> 
     let insecure = raw.allow_insecure_http;
     let fno_url = endpoint("fno_url", &raw.fno_url, insecure)?;
     let dataverse_url = endpoint("dataverse_url", &raw.dataverse_url, insecure)?;
-    let authority = endpoint(
+    let authority = credential_endpoint(
         "authority",
         raw.authority.as_deref().unwrap_or(DEFAULT_AUTHORITY),
         insecure,
+        Receiver::Entra,
     )?;
     if raw.dataverse_unique_name.trim().is_empty() {
         return Err(Error::Config(
@@ -475,10 +475,11 @@ fn watch_config(
                 SecretSource::Env(var) => lookup(var).filter(|v| !v.is_empty()).map(Secret::new),
                 SecretSource::SecretArn(_) => None,
             };
-            let api = endpoint(
+            let api = credential_endpoint(
                 "watch.lcs_api",
                 w.lcs_api.as_deref().unwrap_or(DEFAULT_LCS_API),
                 insecure,
+                Receiver::Lcs,
             )?;
             Some(LcsWatch {
                 api,
@@ -502,12 +503,13 @@ fn watch_config(
                     .into(),
             ));
         }
-        Some(endpoint(
+        Some(credential_endpoint(
             "watch.power_platform_api",
             w.power_platform_api
                 .as_deref()
                 .unwrap_or(DEFAULT_POWER_PLATFORM_API),
             insecure,
+            Receiver::PowerPlatform,
         )?)
     } else {
         None
@@ -571,6 +573,72 @@ fn endpoint(field: &str, value: &str, allow_insecure_http: bool) -> Result<Url> 
     }
 }
 
+/// A host that receives a credential (the client secret, an LCS token, a Power Platform token).
+#[derive(Clone, Copy)]
+enum Receiver {
+    Entra,
+    Lcs,
+    PowerPlatform,
+}
+
+impl Receiver {
+    /// Whether `host` is one of this receiver's hosts in the public or a sovereign cloud
+    /// (docs/dynamics.md, "Hosts that receive credentials").
+    fn accepts(self, host: &str) -> bool {
+        let host = host.to_ascii_lowercase();
+        match self {
+            Receiver::Entra => [
+                "login.microsoftonline.com",
+                "login.microsoftonline.us",
+                "login-us.microsoftonline.com",
+                "login.chinacloudapi.cn",
+                "login.partner.microsoftonline.cn",
+                "login.microsoftonline.de",
+            ]
+            .contains(&host.as_str()),
+            Receiver::Lcs => {
+                host == "lcsapi.lcs.dynamics.com"
+                    || host == "lcsapi.lcs.dynamics.cn"
+                    || host == "lcsapi.gov.lcs.microsoftdynamics.us"
+                    || host
+                        .strip_prefix("lcsapi.")
+                        .and_then(|h| h.strip_suffix(".lcs.dynamics.com"))
+                        .is_some_and(|region| {
+                            !region.is_empty() && region.bytes().all(|b| b.is_ascii_lowercase())
+                        })
+            }
+            Receiver::PowerPlatform => [
+                "api.powerplatform.com",
+                "api.gov.powerplatform.microsoft.us",
+                "api.high.powerplatform.microsoft.us",
+                "api.appsplatform.us",
+                "api.powerplatform.partner.microsoftonline.cn",
+            ]
+            .contains(&host.as_str()),
+        }
+    }
+}
+
+/// An endpoint that receives credentials: one of the service's own hosts, or a loopback
+/// simulator when `allow_insecure_http` says so. A registry entry cannot send a secret to a host
+/// of its choosing.
+fn credential_endpoint(
+    field: &str,
+    value: &str,
+    allow_insecure_http: bool,
+    receiver: Receiver,
+) -> Result<Url> {
+    let url = endpoint(field, value, allow_insecure_http)?;
+    if (allow_insecure_http && is_loopback(&url))
+        || url.host_str().is_some_and(|h| receiver.accepts(h))
+    {
+        return Ok(url);
+    }
+    Err(Error::Config(format!(
+        "`{field}` {value:?} is not a host relink sends credentials to; use the service's own host for your cloud (docs/dynamics.md lists them), or a loopback simulator with allow_insecure_http"
+    )))
+}
+
 fn is_loopback(url: &Url) -> bool {
     match url.host() {
         Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
@@ -578,6 +646,24 @@ fn is_loopback(url: &Url) -> bool {
         Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
         None => false,
     }
+}
+
+/// Entries stored in the AWS table name their secrets by Secrets Manager ARN only: an entry
+/// that names an environment variable would make a function read its own environment (where its
+/// role's AWS credentials are) and send the value to the entry's hosts.
+fn only_stored_secrets(raw: &RawEnv) -> std::result::Result<(), String> {
+    let lcs = raw.watch.as_ref().and_then(|w| w.lcs_token.as_ref());
+    for (field, source) in [
+        ("client_secret", Some(&raw.client_secret)),
+        ("watch.lcs_token", lcs),
+    ] {
+        if let Some(SecretSource::Env(var)) = source {
+            return Err(format!(
+                "`{field}` names the environment variable {var}; in AWS relink reads secrets only from Secrets Manager: use {field} = {{ secret_arn = \"arn:aws:secretsmanager:...\" }}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -67,27 +67,46 @@ fn missing_secret_variable_is_named_but_values_never_shown() {
     );
 }
 
+const ARN: &str = "arn:aws:secretsmanager:us-east-1:000000000000:secret:uat";
+
 #[test]
 fn entries_round_trip_through_json() {
-    let json = Registry::entry_json(GOOD, "contoso-uat").unwrap();
+    let mut json = Registry::entry_json(GOOD, "contoso-uat").unwrap();
     assert_eq!(json["client_secret"]["env"], "CONTOSO_UAT_SECRET");
-    let reg = Registry::from_entries(&[("contoso-uat".into(), json)], lookup);
-    assert_eq!(
-        reg.get("contoso-uat").unwrap().dataverse_unique_name,
-        "org6459f7a8"
-    );
+    json["client_secret"] = serde_json::json!({ "secret_arn": ARN });
+    let reg = Registry::from_entries(&[("contoso-uat".into(), json)]);
+    let env = reg.get("contoso-uat").unwrap();
+    assert_eq!(env.dataverse_unique_name, "org6459f7a8");
+    assert!(env.client_secret.is_none(), "read when a token is needed");
+}
+
+#[test]
+fn a_table_entry_never_takes_a_secret_from_the_process_environment() {
+    let mut json = Registry::entry_json(GOOD, "contoso-uat").unwrap();
+    json["client_secret"] = serde_json::json!({ "env": "PATH" });
+    let e = Registry::from_entries(&[("contoso-uat".into(), json.clone())])
+        .get("contoso-uat")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("PATH") && e.contains("secret_arn"), "{e}");
+    json["client_secret"] = serde_json::json!({ "secret_arn": ARN });
+    json["lcs_environment_id"] = "lcs-1".into();
+    json["watch"] = serde_json::json!({ "lcs_project_id": "1", "lcs_token": { "env": "HOME" } });
+    let e = Registry::from_entries(&[("contoso-uat".into(), json)])
+        .get("contoso-uat")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("watch.lcs_token") && e.contains("HOME"), "{e}");
 }
 
 #[test]
 fn an_invalid_table_entry_refuses_only_its_own_environment() {
-    let good = Registry::entry_json(GOOD, "contoso-uat").unwrap();
+    let mut good = Registry::entry_json(GOOD, "contoso-uat").unwrap();
+    good["client_secret"] = serde_json::json!({ "secret_arn": ARN });
     let mut bad = good.clone();
     bad["dataverse_url"] = "http://dynamics.example.com".into();
     bad["allow_insecure_http"] = true.into();
-    let reg = Registry::from_entries(
-        &[("contoso-uat".into(), good), ("hand-written".into(), bad)],
-        lookup,
-    );
+    let reg = Registry::from_entries(&[("contoso-uat".into(), good), ("hand-written".into(), bad)]);
     assert!(reg.get("contoso-uat").is_ok());
     let e = reg.get("hand-written").unwrap_err();
     assert!(matches!(e, Error::Config(_)), "{e}");
@@ -108,4 +127,35 @@ fn bad_values_are_explained() {
         .contains("between 1 and 1000")
     );
     assert!(err("not toml [").contains("expected"));
+}
+
+#[test]
+fn credentials_go_only_to_the_services_own_hosts() {
+    let with =
+        |line: &str| GOOD.replace("kind = \"sandbox\"", &format!("kind = \"sandbox\"\n{line}"));
+    for ok in [
+        "authority = \"https://login.microsoftonline.us\"",
+        "authority = \"https://login.chinacloudapi.cn/\"",
+    ] {
+        assert!(Registry::parse(&with(ok), lookup).is_ok(), "{ok}");
+    }
+    for bad in [
+        "authority = \"https://login.attacker.example\"",
+        "authority = \"https://login.microsoftonline.com.attacker.example\"",
+        "authority = \"https://attacker.example/login.microsoftonline.com\"",
+    ] {
+        let e = err(&with(bad));
+        assert!(
+            e.contains("not a host relink sends credentials to"),
+            "{bad}: {e}"
+        );
+    }
+    // A loopback simulator only with allow_insecure_http.
+    assert!(err(&with("authority = \"http://127.0.0.1:8080\"")).contains("plain http"));
+    let sim = with("authority = \"http://127.0.0.1:8080\"\nallow_insecure_http = true");
+    assert!(Registry::parse(&sim, lookup).is_ok());
+    assert!(Receiver::Lcs.accepts("lcsapi.eu.lcs.dynamics.com"));
+    assert!(Receiver::Lcs.accepts("lcsapi.gov.lcs.microsoftdynamics.us"));
+    assert!(!Receiver::Lcs.accepts("lcsapi.eu.evil.lcs.dynamics.com"));
+    assert!(!Receiver::PowerPlatform.accepts("api.powerplatform.com.evil.example"));
 }

@@ -1,0 +1,150 @@
+//! relink against servers that lie: a loopback server stands in for Dataverse (or Entra) and
+//! answers in one hostile way per test. Each must end in a clear failure, within a bounded
+//! number of requests, with no panic, no redirect followed and no wait the server dictates.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{ENV, Spec, World};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// How the hostile server answers every request.
+#[derive(Clone, Copy)]
+enum Lie {
+    /// `302` to another host.
+    Redirect,
+    /// `429` with `Retry-After: 1e300`.
+    EndlessRetryAfter,
+    /// `400` with a body that never ends.
+    EndlessErrorBody,
+    /// A token whose `expires_in` is 2^64-1 (then 404 to everything else).
+    EndlessToken,
+}
+
+/// Serves `lie` on a free loopback port; returns its base URL and the request counter.
+async fn hostile(lie: Lie) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < end + 4 + length {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..end + 4 + length);
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    let token = head.contains("/oauth2/v2.0/token");
+                    let reply: String = match lie {
+                        Lie::Redirect => "HTTP/1.1 302 Found\r\nlocation: http://127.0.0.1:9/elsewhere\r\ncontent-length: 0\r\n\r\n".into(),
+                        Lie::EndlessRetryAfter => "HTTP/1.1 429 Too Many Requests\r\nretry-after: 1e300\r\ncontent-length: 0\r\n\r\n".into(),
+                        Lie::EndlessToken if token => {
+                            let body = r#"{"token_type":"Bearer","access_token":"hostile","expires_in":18446744073709551615}"#;
+                            format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+                        }
+                        Lie::EndlessToken => "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".into(),
+                        Lie::EndlessErrorBody => {
+                            let head = "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+                            if conn.write_all(head.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            let piece = format!("{:x}\r\n{}\r\n", 65536, "x".repeat(65536));
+                            while conn.write_all(piece.as_bytes()).await.is_ok() {}
+                            return;
+                        }
+                    };
+                    if conn.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (base, count)
+}
+
+/// A world whose Dataverse (or, with `authority`, Entra too) is the hostile server.
+async fn world_with(lie: Lie, authority: bool) -> (World, Arc<AtomicUsize>) {
+    let (base, count) = hostile(lie).await;
+    let w = World::new(Spec::default()).await;
+    let text = std::fs::read_to_string(&w.config).unwrap();
+    let mut text = text.replace(&w.sim.dataverse_url("uat"), &format!("{base}/org"));
+    if authority {
+        text = text.replace(
+            &format!("authority = \"{}\"", w.sim.authority()),
+            &format!("authority = \"{base}\""),
+        );
+    }
+    assert!(text.contains(&base), "{text}");
+    std::fs::write(&w.config, text).unwrap();
+    (w, count)
+}
+
+async fn run_against(lie: Lie, authority: bool) -> (common::Out, usize, World) {
+    let (w, count) = world_with(lie, authority).await;
+    let out = tokio::time::timeout(Duration::from_secs(60), w.relink(&["run", ENV]))
+        .await
+        .expect("relink ends within a minute whatever the server does");
+    assert!(
+        !out.stderr.contains("panicked"),
+        "no panic on what a server sends: {out:?}"
+    );
+    let snap = w.sim.snapshot();
+    assert!(snap.deleted.values().all(|n| *n == 0), "nothing deleted");
+    (out, count.load(Ordering::SeqCst), w)
+}
+
+#[tokio::test]
+async fn a_redirect_is_a_failure_not_an_answer() {
+    let (out, requests, _w) = run_against(Lie::Redirect, false).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("redirect"), "{out:?}");
+    assert_eq!(requests, 1, "the redirect was not followed nor retried");
+}
+
+#[tokio::test]
+async fn an_absurd_retry_after_ends_the_run_instead_of_waiting() {
+    let (out, requests, _w) = run_against(Lie::EndlessRetryAfter, false).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("Retry-After"), "{out:?}");
+    assert_eq!(requests, 1, "{out:?}");
+}
+
+#[tokio::test]
+async fn an_endless_error_body_is_read_only_so_far() {
+    let (out, requests, _w) = run_against(Lie::EndlessErrorBody, false).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(requests, 1, "{out:?}");
+}
+
+#[tokio::test]
+async fn a_token_that_never_expires_is_not_believed_and_does_not_crash() {
+    let (out, requests, _w) = run_against(Lie::EndlessToken, true).await;
+    assert!(out.code == 1 || out.code == 2, "{out:?}");
+    assert!(requests >= 2, "a token, then the identity check: {out:?}");
+}
