@@ -23,6 +23,8 @@ enum Lie {
     EndlessErrorBody,
     /// A token whose `expires_in` is 2^64-1 (then 404 to everything else).
     EndlessToken,
+    /// `200` with a body that never ends.
+    EndlessAnswer,
 }
 
 /// Serves `lie` on a free loopback port; returns its base URL and the request counter.
@@ -68,8 +70,12 @@ async fn hostile(lie: Lie) -> (String, Arc<AtomicUsize>) {
                             format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
                         }
                         Lie::EndlessToken => "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".into(),
-                        Lie::EndlessErrorBody => {
-                            let head = "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+                        Lie::EndlessErrorBody | Lie::EndlessAnswer => {
+                            let head = if matches!(lie, Lie::EndlessAnswer) {
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+                            } else {
+                                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+                            };
                             if conn.write_all(head.as_bytes()).await.is_err() {
                                 return;
                             }
@@ -147,4 +153,12 @@ async fn a_token_that_never_expires_is_not_believed_and_does_not_crash() {
     let (out, requests, _w) = run_against(Lie::EndlessToken, true).await;
     assert!(out.code == 1 || out.code == 2, "{out:?}");
     assert!(requests >= 2, "a token, then the identity check: {out:?}");
+}
+
+#[tokio::test]
+async fn an_endless_answer_is_refused_past_its_bound() {
+    let (out, requests, _w) = run_against(Lie::EndlessAnswer, false).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("larger than"), "{out:?}");
+    assert_eq!(requests, 1, "{out:?}");
 }

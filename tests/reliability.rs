@@ -95,6 +95,7 @@ async fn s01_every_message_delivered_twice() {
             injected: "every SQS batch handed to the handler twice, concurrently (`relink worker --deliver-twice`)",
             runs: awaiting(&run_id),
             rows_expected: rows,
+            kept_rows: 0,
             also_secret: vec![],
         },
         "each stage's side effects ran once (attempts 1, 1, 1, 1)",
@@ -164,6 +165,7 @@ async fn s02_messages_out_of_order() {
             injected: "reset-link's event sent while clear-dataverse-configs was still deleting; purge-keys' event sent again after it finished",
             runs: awaiting(&run_id),
             rows_expected: rows,
+            kept_rows: 0,
             also_secret: vec![],
         },
         "the early event was held back until the stage before it finished; the late one was a no-op",
@@ -213,6 +215,7 @@ async fn s03_killed_after_recording_each_stage() {
             injected: "worker SIGKILLed after detect-mismatch, purge-keys and clear-dataverse-configs each stored their outcome, before the next stage's event was sent; restarted each time",
             runs: awaiting(&run_id),
             rows_expected: rows,
+            kept_rows: 0,
             also_secret: vec![],
         },
         "3 kills; the redelivered event sent the missing next event; no stage ran twice",
@@ -230,6 +233,7 @@ async fn s04_killed_after_sending_each_next_event() {
             injected: "worker SIGKILLed after each of the first three stages sent the next event, before its own message was deleted; restarted each time",
             runs: awaiting(&run_id),
             rows_expected: rows,
+            kept_rows: 0,
             also_secret: vec![],
         },
         "3 kills; each redelivery was recognised as done; no stage ran twice",
@@ -269,6 +273,7 @@ async fn s05_killed_in_the_middle_of_a_delete_batch() {
             injected: "Dataverse applied 200 of a 500-delete `$batch`, then the worker was SIGKILLed before the answer; restarted",
             runs: awaiting(&run_id),
             rows_expected: rows,
+            kept_rows: 0,
             also_secret: vec![],
         },
         "the stage resumed (attempt 2) from a fresh read; the 200 rows were archived before they went",
@@ -301,6 +306,7 @@ async fn s06_half_of_all_requests_throttled() {
             injected: "50% of Dataverse and F&O requests answered 429 with `Retry-After: 1`",
             runs: awaiting(&run_id),
             rows_expected: rows,
+            kept_rows: 0,
             also_secret: vec![],
         },
         "every throttled request was retried, none before its Retry-After (checked in the simulator's log)",
@@ -333,6 +339,7 @@ async fn s07_bursts_of_server_errors() {
             injected: "after every 5 Dataverse / F&O requests, the next 4 answered 503",
             runs: awaiting(&run_id),
             rows_expected: rows,
+            kept_rows: 0,
             also_secret: vec![],
         },
         "every burst was ridden out with backoff; no batch was applied twice",
@@ -358,6 +365,7 @@ async fn s08_token_endpoint_down_for_a_while() {
             injected: "Entra's token endpoint answered 503 `temporarily_unavailable` for the first 8 s",
             runs: awaiting(&run_id),
             rows_expected: rows,
+            kept_rows: 0,
             also_secret: vec![],
         },
         "token requests were retried until the endpoint came back; nothing ran without a token",
@@ -390,6 +398,7 @@ async fn s09_token_expires_mid_run() {
             injected: "tokens refused 1 s after issue although `expires_in` said an hour",
             runs: awaiting(&run_id),
             rows_expected: rows,
+            kept_rows: 0,
             also_secret: vec![],
         },
         "each 401 fetched a new token and retried the request once",
@@ -433,6 +442,7 @@ async fn s10_concurrent_workers_conflict_on_the_table() {
                 .map(|r| (r.clone(), RunStatus::AwaitingConfirmation))
                 .collect(),
             rows_expected: rows,
+            kept_rows: 0,
             also_secret: vec![],
         },
         "lock and version conflicts refused the losing writers; every stage of every run ran once",
@@ -590,6 +600,7 @@ async fn s11_crashed_lock_holder_whose_lease_expires() {
             injected: "a Lambda-style invocation (owner on another host) died mid-delete holding a 60 s lease; the redelivery came while it lived, then the lease lapsed and a worker got the event",
             runs: awaiting(&run_id),
             rows_expected: rows,
+            kept_rows: 0,
             also_secret: vec![],
         },
         "the redelivery was refused while the lease lived (nothing deleted), then a worker took the environment over and finished",
@@ -632,6 +643,7 @@ async fn s12_a_hundred_environments_restored_at_once() {
             injected: "100 restore events on the detect queue at once, 4 workers",
             runs,
             rows_expected: rows,
+            kept_rows: 0,
             also_secret: vec![],
         },
         "100 runs, one per environment, all awaiting the manual reset",
@@ -769,6 +781,7 @@ async fn s13_poison_messages() {
             injected: "15 kinds beside one good event: not JSON, an array, wrong type, missing field, unknown field, unknown stage, unknown environment, version 2, 36 KB body, run that does not exist, smuggled URL, smuggled credential, path in the environment id, path as run id, stage on the wrong queue",
             runs: awaiting(&by_env[ENV]),
             rows_expected: rows,
+            kept_rows: 0,
             also_secret: vec![smuggled.into()],
         },
         "each recorded with its reason and acknowledged (none dead-lettered); the good event went through",
@@ -806,6 +819,7 @@ async fn s14_wrong_dataverse_organisation() {
             injected: "`dataverse_url` of a UAT entry aimed at the production organisation",
             runs: vec![(run_id, RunStatus::Refused)],
             rows_expected: 0,
+            kept_rows: 0,
             also_secret: vec![],
         },
         "refused at detect-mismatch (unique name differs); no row touched on either side",
@@ -838,6 +852,7 @@ async fn s15_production_is_refused() {
             injected: "an event for an environment of kind `production` without `allow_production`",
             runs: vec![(run_id, RunStatus::Refused)],
             rows_expected: 0,
+            kept_rows: 0,
             also_secret: vec![],
         },
         "refused before any request to Dynamics; nothing deleted",
@@ -933,6 +948,7 @@ async fn s16_forged_and_replayed_notifications() {
             injected: "one signed LCS notification, then the same request replayed, a forged signature, a stale timestamp, an unknown environment, an unreadable body",
             runs: awaiting(&run_id),
             rows_expected: rows,
+            kept_rows: 0,
             also_secret: vec![hook.into()],
         },
         "replay 409 (same run), forged 401, stale 401, unknown 404, unreadable 400; one event queued",
@@ -980,6 +996,7 @@ async fn s17_plain_http_to_a_remote_host_is_refused() {
             injected: "`dataverse_url = \"http://...dynamics.com\"` in the file (pushed) and written straight into the table (then an event for it)",
             runs: awaiting(&run_id),
             rows_expected: rows,
+            kept_rows: 0,
             also_secret: vec![],
         },
         "`env push` exit 2; the hand-written entry's event rejected with the reason while the other environment ran",
@@ -1029,6 +1046,7 @@ async fn s18_a_table_entry_cannot_send_the_functions_environment_anywhere() {
             injected: "`client_secret = { env = \"AWS_SECRET_ACCESS_KEY\" }` written straight into the table, then an event for it",
             runs: awaiting(&run_id),
             rows_expected: rows,
+            kept_rows: 0,
             also_secret: vec![],
         },
         "the entry's event was rejected naming secret_arn; nothing read the variable, no token request was sent for it; the other environment ran",
@@ -1067,9 +1085,49 @@ async fn s19_a_table_entry_cannot_send_the_secret_to_a_host_of_its_choosing() {
             injected: "`authority = \"https://login.microsoftonline.com.attacker.example\"` written straight into the table, then an event for it",
             runs: awaiting(&run_id),
             rows_expected: rows,
+            kept_rows: 0,
             also_secret: vec![],
         },
         "the entry's event was rejected naming the allow-list; no token request left relink for it; the other environment ran",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s20_rows_that_never_go_away_end_the_stage_instead_of_looping() {
+    let (a, rows) = world(Spec::default()).await;
+    a.w.sim.set_faults(Faults {
+        ghost_rows: 2,
+        ..Faults::default()
+    });
+    let run_id = a.inject(ENV).await;
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    let run = a.status_json(&["--run", &run_id]).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    let error = stage(&run, "clear-dataverse-configs")["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(error.contains("still lists 2 row(s)"), "{error}");
+    let snap = a.w.sim.snapshot();
+    assert_eq!(snap.runtime_configs["uat"], 2, "only the ghosts are left");
+    let batches = snap.batch_requests.values().sum::<usize>();
+    assert!(
+        batches <= 10,
+        "{batches} $batch requests for 300 rows and 2 ghosts"
+    );
+    a.conclude(
+        Scenario {
+            id: "20-rows-never-go-away",
+            title: "Rows that never go away",
+            injected: "Dataverse answers 204 to the deletes of 2 rows and keeps them",
+            runs: vec![(run_id, RunStatus::Failed)],
+            rows_expected: rows - 2,
+            kept_rows: 2,
+            also_secret: vec![],
+        },
+        "the stage failed after 3 passes naming the 2 rows, with the 298 others deleted once; no endless loop",
     )
     .await;
 }

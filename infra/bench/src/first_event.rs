@@ -24,7 +24,7 @@ use crate::coldstart::{percentile, spawn_bootstrap};
 
 /// How the start-up shapes compared when the functions still had them (the measurement that
 /// chose building in `main`), kept on the page with the figures of every later run.
-const SHAPES_MEASURED: &str = "Start-up shape: on 2026-11-28 (commit 3268a18, 20 runs per cell, same machine and \
+const SHAPES_MEASURED: &str = "Start-up shape: on 2026-11-28, before the other two shapes were removed (20 runs per cell, same machine and \
     method) the functions could also build their clients on a background task while the runtime polls (then the \
     default) or on the first invocation. Duplicate medians, background / first invocation / in `main`: detect-mismatch \
     15.25 / 15.08 / 15.15 ms, purge-keys 15.13 / 14.91 / 15.15 ms, clear-dataverse-configs 16.12 / 15.05 / 15.47 ms, \

@@ -357,6 +357,14 @@ pub(crate) fn dataverse_delete(st: &mut SimState, org: &str, path: &str) -> (u16
             error_body("0x80060888", "Bad Request - Error in query syntax."),
         );
     };
+    if st.faults.ghost_rows > 0 && st.orgs.get(org).is_some_and(|o| o.rows.contains_key(&id)) {
+        // A server that lies: the delete answers 204, the row stays.
+        if st.ghosted.insert(id) && st.ghosted.len() > st.faults.ghost_rows {
+            st.ghosted.remove(&id);
+        } else {
+            return (204, None);
+        }
+    }
     let existed = st
         .orgs
         .get_mut(org)

@@ -171,6 +171,9 @@ pub struct Faults {
     /// While true, Dataverse `$batch` requests wait, unapplied and unanswered (a test holds a
     /// stage in the middle of its deletes to order other events around it, instead of racing).
     pub hold_batches: bool,
+    /// Dataverse deletes of this many rows (the first ones asked for) answer 204, and the rows
+    /// stay: rows that never go away.
+    pub ghost_rows: usize,
 }
 
 impl Default for Faults {
@@ -192,6 +195,7 @@ impl Default for Faults {
             tokens_revoked_after_secs: None,
             stall_batch_after_ops: None,
             hold_batches: false,
+            ghost_rows: 0,
         }
     }
 }

@@ -58,6 +58,8 @@ pub(crate) struct SimState {
     pub(crate) lcs_calls: HashMap<String, VecDeque<Instant>>,
     pub(crate) power_platform: HashMap<String, Vec<Value>>,
     pub(crate) faults_set_at: Option<Instant>,
+    /// Rows chosen as ghosts by `ghost_rows`.
+    pub(crate) ghosted: std::collections::HashSet<uuid::Uuid>,
     /// Dataverse / F&O requests that reached the burst decision since the faults were set.
     pub(crate) burst_position: u64,
 }

@@ -23,7 +23,7 @@ use relink_core::ports::{ProgressStore, SecretStore, StageQueue, TokenSource};
 use relink_core::registry::{EnvConfig, LcsWatch, join};
 use relink_core::trigger::{Started, start_run};
 use relink_dynamics::token::{ClientSecret, EntraTokens};
-use relink_dynamics::{Http, Service};
+use relink_dynamics::{Http, Service, read_json};
 
 const LCS: Service = Service {
     name: "LCS",
@@ -246,10 +246,7 @@ impl Watcher {
                     .header("Accept", "application/json")
             };
             let resp = self.http.send(LCS, None, &build).await?;
-            let body: Value = resp.json().await.map_err(|e| Error::Protocol {
-                service: LCS.name,
-                detail: e.to_string(),
-            })?;
+            let body: Value = read_json(LCS, resp, "LCS history").await?;
             if body.get("IsSuccess") != Some(&Value::Bool(true)) {
                 let why = body
                     .get("ErrorMessage")
@@ -334,10 +331,7 @@ impl Watcher {
                 &build,
             )
             .await?;
-        let body: Value = resp.json().await.map_err(|e| Error::Protocol {
-            service: POWER_PLATFORM.name,
-            detail: e.to_string(),
-        })?;
+        let body: Value = read_json(POWER_PLATFORM, resp, "Power Platform operations").await?;
         let ops = body
             .get("value")
             .and_then(Value::as_array)

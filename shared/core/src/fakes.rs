@@ -22,6 +22,10 @@ pub struct FakeDataverse {
     pub rows: Mutex<BTreeMap<String, Value>>,
     /// Ids whose delete always fails.
     pub stuck: Vec<String>,
+    /// Ids whose delete answers "deleted" but whose row stays (a server that lies).
+    pub ghosts: Vec<String>,
+    /// Every next link points back at the first page (paging that loops).
+    pub looping: bool,
 }
 
 #[async_trait]
@@ -51,7 +55,7 @@ impl DataverseApi for FakeDataverse {
         let more = rows.len() > size;
         Ok(Page {
             rows: rows.into_iter().take(size).collect(),
-            next_link: more.then(|| format!("{size}")),
+            next_link: (more || self.looping).then(|| format!("{size}")),
         })
     }
     async fn next_page(&self, link: &str, size: usize) -> Result<Page> {
@@ -67,7 +71,11 @@ impl DataverseApi for FakeDataverse {
         let more = rows.len() > size;
         Ok(Page {
             rows: rows.into_iter().take(size).collect(),
-            next_link: more.then(|| format!("{}", skip + size)),
+            next_link: if self.looping {
+                Some(link.to_string())
+            } else {
+                more.then(|| format!("{}", skip + size))
+            },
         })
     }
     async fn delete_batch(&self, _: &EntitySet, ids: &[String]) -> Result<BatchOutcome> {
@@ -76,7 +84,8 @@ impl DataverseApi for FakeDataverse {
         for id in ids {
             if self.stuck.contains(id) {
                 out.failed.push((id.clone(), "HTTP 500: stuck".into()));
-            } else if rows.remove(id).is_some() {
+            } else if self.ghosts.contains(id) || rows.remove(id).is_some() {
+                // A ghost answers "deleted" and stays.
                 out.deleted += 1;
             } else {
                 out.already_gone += 1;
@@ -146,6 +155,8 @@ pub fn dataverse(rows: usize) -> FakeDataverse {
         integrated: None,
         rows: Mutex::new(rows),
         stuck: vec![],
+        ghosts: vec![],
+        looping: false,
     }
 }
 

@@ -8,7 +8,7 @@ use serde_json::Value;
 use url::Url;
 
 use super::batch::{decode_response, encode_deletes};
-use super::{Http, Service, odata_error_message};
+use super::{Http, Service, odata_error_message, read_body, read_json};
 use relink_core::error::{Error, Result};
 use relink_core::pacing::Pacer;
 use relink_core::ports::{
@@ -68,10 +68,7 @@ impl DataverseClient {
         if resp.status().as_u16() == 404 {
             return Ok(None);
         }
-        let v = resp.json().await.map_err(|e| Error::Protocol {
-            service: DATAVERSE.name,
-            detail: format!("GET {}: {e}", url.path()),
-        })?;
+        let v = read_json(DATAVERSE, resp, &format!("GET {}", url.path())).await?;
         Ok(Some(v))
     }
 
@@ -274,10 +271,18 @@ pub(crate) async fn batch_outcome(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    let body = resp.text().await.map_err(|e| Error::Protocol {
-        service,
-        detail: format!("$batch answer: {e}"),
-    })?;
+    let body = String::from_utf8_lossy(
+        &read_body(
+            Service {
+                name: service,
+                auth_hint: "",
+            },
+            resp,
+            "$batch answer",
+        )
+        .await?,
+    )
+    .into_owned();
     if status == 404 {
         return Err(Error::Protocol {
             service,

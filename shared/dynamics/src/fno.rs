@@ -9,7 +9,7 @@ use url::Url;
 
 use super::batch::encode_deletes;
 use super::dataverse::{batch_outcome, same_origin_link};
-use super::{Http, Service};
+use super::{Http, Service, read_json};
 use relink_core::error::{Error, Result};
 use relink_core::ports::{BatchOutcome, FnoApi, Page, ServiceTable, TokenSource};
 use relink_core::registry::{EnvConfig, join};
@@ -52,10 +52,7 @@ impl FnoClient {
     }
 
     async fn json(resp: reqwest::Response, what: &str) -> Result<Value> {
-        resp.json().await.map_err(|e| Error::Protocol {
-            service: FNO.name,
-            detail: format!("{what}: {e}"),
-        })
+        read_json(FNO, resp, what).await
     }
 
     async fn call_service(&self, body: Value) -> Result<Value> {

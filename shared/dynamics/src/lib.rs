@@ -286,6 +286,55 @@ pub fn parse_retry_after(v: &str) -> Option<Duration> {
     secs(Duration::try_from(when - now).ok()?.as_secs_f64())
 }
 
+/// Most of a successful answer relink reads: a 5,000-row page is a few MB; more is a server
+/// that lies, refused before it can take the process's memory.
+pub const MAX_BODY: usize = 32 * 1024 * 1024;
+
+/// Reads an answer's body, at most [`MAX_BODY`]; `what` names it in errors.
+pub async fn read_body(service: Service, mut resp: Response, what: &str) -> Result<Vec<u8>> {
+    let too_big = || Error::Protocol {
+        service: service.name,
+        detail: format!("{what}: the answer is larger than {} MB", MAX_BODY >> 20),
+    };
+    if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_big());
+    }
+    let mut body = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_BODY {
+                    return Err(too_big());
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            // The headers came, the body broke off: as retryable as a dropped connection.
+            Err(e) => {
+                return Err(Error::Unavailable {
+                    service: service.name,
+                    attempts: 1,
+                    detail: format!("{what}: {}", relink_core::error::chain(&e)),
+                    retry_after: None,
+                });
+            }
+        }
+    }
+}
+
+/// Reads an answer's JSON body, at most [`MAX_BODY`].
+pub async fn read_json<T: serde::de::DeserializeOwned>(
+    service: Service,
+    resp: Response,
+    what: &str,
+) -> Result<T> {
+    let body = read_body(service, resp, what).await?;
+    serde_json::from_slice(&body).map_err(|e| Error::Protocol {
+        service: service.name,
+        detail: format!("{what}: {e}"),
+    })
+}
+
 /// Most of an error body relink reads: enough for any OData or Entra error message, and a
 /// bound on what a hostile server can make it hold.
 const MAX_ERROR_BODY: usize = 64 * 1024;

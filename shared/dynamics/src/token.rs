@@ -10,7 +10,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 use url::Url;
 
-use super::{Http, Service};
+use super::{Http, Service, read_json};
 use relink_core::error::{Error, Result};
 use relink_core::ports::{SecretStore, TokenSource};
 use relink_core::registry::{Secret, SecretSource, join};
@@ -118,10 +118,7 @@ impl TokenSource for EntraTokens {
                 self.endpoint
             )));
         }
-        let body: TokenResponse = resp.json().await.map_err(|e| Error::Protocol {
-            service: ENTRA.name,
-            detail: format!("token response: {e}"),
-        })?;
+        let body: TokenResponse = read_json(ENTRA, resp, "token response").await?;
         let lifetime = Duration::from_secs(body.expires_in).min(MAX_LIFETIME);
         // Short-lived tokens (tests) refresh at half their life instead of five minutes early.
         let margin = REFRESH_MARGIN.min(lifetime / 2);

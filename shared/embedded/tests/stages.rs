@@ -161,3 +161,45 @@ async fn a_row_that_keeps_failing_stops_the_stage_instead_of_looping() {
     assert!(e.is_retryable() && e.to_string().contains("0002"), "{e}");
     assert_eq!(dv.rows.lock().unwrap().len(), 1, "the other rows are gone");
 }
+
+#[tokio::test]
+async fn a_row_that_stays_after_its_delete_answered_ends_the_stage_with_the_row_named() {
+    let mut dv = dataverse(4);
+    dv.ghosts = vec!["0002".into()];
+    let e = with_ctx(&dv, &fno(&[]), RunOptions::default(), async |c| {
+        clear_configs(c).await.unwrap_err()
+    })
+    .await;
+    assert!(
+        matches!(e, Error::Protocol { .. }) && e.to_string().contains("0002"),
+        "{e}"
+    );
+    assert_eq!(dv.rows.lock().unwrap().len(), 1, "only the ghost is left");
+}
+
+#[tokio::test]
+async fn ghost_rows_are_not_counted_as_deleted_twice() {
+    let mut dv = dataverse(3);
+    dv.ghosts = vec!["0001".into()];
+    let e = with_ctx(&dv, &fno(&[]), RunOptions::default(), async |c| {
+        clear_configs(c).await.unwrap_err()
+    })
+    .await;
+    assert!(e.to_string().contains("3 times"), "{e}");
+}
+
+#[tokio::test]
+async fn paging_that_comes_back_to_a_link_ends_with_an_error() {
+    let mut dv = dataverse(25);
+    dv.looping = true;
+    let e = with_ctx(&dv, &fno(&[]), RunOptions::default(), async |c| {
+        detect(c).await.unwrap_err()
+    })
+    .await;
+    assert!(e.to_string().contains("already followed"), "{e}");
+    let e = with_ctx(&dv, &fno(&[]), RunOptions::default(), async |c| {
+        clear_configs(c).await.unwrap_err()
+    })
+    .await;
+    assert!(e.to_string().contains("already followed"), "{e}");
+}

@@ -4,6 +4,7 @@
 
 use serde_json::Value;
 
+use super::engine::PageGuard;
 use super::guards::{guard_identity, norm_url};
 use super::{DATAVERSE_TABLE, FNO_TABLE, Findings, StageCtx, StageReport, Then};
 use crate::error::{Error, Result};
@@ -45,6 +46,7 @@ pub async fn inspect(
     let (mut total, mut elsewhere, mut pointing_here) = (0, 0, 0);
     let mut others: Vec<String> = Vec::new();
     let mut next: Option<String> = None;
+    let mut pages = PageGuard::new(FNO_TABLE);
     loop {
         let page = fno
             .project_configs(next.as_deref(), env.limits.fno_page_size)
@@ -70,7 +72,10 @@ pub async fn inspect(
             rows: total,
         });
         match page.next_link {
-            Some(n) => next = Some(n),
+            Some(n) => {
+                pages.follow(&n)?;
+                next = Some(n);
+            }
             None => break,
         }
     }
@@ -122,7 +127,9 @@ pub(super) async fn count_dataverse(
     let size = env.limits.dataverse_page_size;
     let mut page = dv.first_page(&set, size).await?;
     let mut n = page.rows.len();
+    let mut pages = PageGuard::new(DATAVERSE_TABLE);
     while let Some(link) = page.next_link.take() {
+        pages.follow(&link)?;
         sink.emit(Progress::Found {
             table: DATAVERSE_TABLE,
             rows: n,

@@ -2,7 +2,7 @@
 //! archived before anything is deleted, batched deletes with bounded concurrency, passes until
 //! the table is empty, and a stop instead of a spin when rows keep failing.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -17,6 +17,47 @@ use crate::progress::Progress;
 const MAX_FAILURES_PER_ROW: u32 = 3;
 /// Passes that delete nothing before the stage gives up rather than spin.
 const MAX_IDLE_PASSES: u32 = 3;
+/// A row whose delete was answered as done this many times, and that is still listed, ends the
+/// stage: the service does not remove it.
+const MAX_REPORTS_PER_ROW: u32 = 3;
+/// Pages one walk through a table follows at most (5,000-row pages: 50 million rows).
+const MAX_PAGES: usize = 10_000;
+/// Rows named in an error at most.
+const MAX_NAMED_ROWS: usize = 5;
+
+/// Guards a walk through server-driven pages: a next link seen before in the same walk, or more
+/// pages than any real table has, ends it with an error instead of a loop.
+pub(super) struct PageGuard {
+    table: &'static str,
+    seen: HashSet<String>,
+}
+
+impl PageGuard {
+    pub(super) fn new(table: &'static str) -> PageGuard {
+        PageGuard {
+            table,
+            seen: HashSet::new(),
+        }
+    }
+
+    /// Checks a next link before it is followed.
+    pub(super) fn follow(&mut self, link: &str) -> Result<()> {
+        let detail = if self.seen.len() >= MAX_PAGES {
+            format!("{} has more than {MAX_PAGES} pages", self.table)
+        } else if !self.seen.insert(link.to_string()) {
+            format!(
+                "{} paging came back to a next link it had already followed",
+                self.table
+            )
+        } else {
+            return Ok(());
+        };
+        Err(Error::Protocol {
+            service: "OData",
+            detail: format!("{detail}; relink stopped reading instead of looping"),
+        })
+    }
+}
 
 /// Running totals of one table's purge.
 #[derive(Default)]
@@ -74,7 +115,7 @@ pub(super) async fn purge_pages<'a>(
     concurrency: usize,
 ) -> Result<Tally> {
     enum Done {
-        Batch(Result<BatchOutcome>),
+        Batch(Vec<String>, Result<BatchOutcome>),
         Page(Result<(Vec<String>, Option<String>)>),
     }
     type Work<'w> = std::pin::Pin<Box<dyn Future<Output = Done> + Send + 'w>>;
@@ -82,15 +123,19 @@ pub(super) async fn purge_pages<'a>(
     let table = rows_of.table();
     let mut tally = Tally::default();
     let mut failures: HashMap<String, u32> = HashMap::new();
+    // Times each row's delete was answered as done (deleted, or 404).
+    let mut reported: HashMap<String, u32> = HashMap::new();
     let mut idle = 0;
     loop {
         let first = rows_of.first_page().await?;
-        if first.rows.is_empty() {
+        if first.rows.is_empty() && first.next_link.is_none() {
             return Ok(tally);
         }
+        let mut pages = PageGuard::new(table);
         let mut next_link = first.next_link;
         let mut queue: VecDeque<String> = archive_page(ctx, rows_of, first.rows).await?.into();
         tally.archived(ctx, table, queue.len());
+        let mut pass_rows = queue.len();
         let mut work: FuturesUnordered<Work<'a>> = FuturesUnordered::new();
         let (mut batches, mut reading) = (0, false);
         let mut pass_deleted = 0;
@@ -104,6 +149,10 @@ pub(super) async fn purge_pages<'a>(
                     && queue.len() < slots * batch
                     && let Some(link) = next_link.take()
                 {
+                    if let Err(e) = pages.follow(&link) {
+                        first_error = Some(e);
+                        continue;
+                    }
                     reading = true;
                     work.push(Box::pin(async move {
                         Done::Page(
@@ -121,7 +170,8 @@ pub(super) async fn purge_pages<'a>(
                     let chunk: Vec<String> = queue.drain(..n).collect();
                     batches += 1;
                     work.push(Box::pin(async move {
-                        Done::Batch(rows_of.delete(&chunk).await)
+                        let outcome = rows_of.delete(&chunk).await;
+                        Done::Batch(chunk, outcome)
                     }));
                 }
             }
@@ -131,6 +181,7 @@ pub(super) async fn purge_pages<'a>(
             match done {
                 Done::Page(Ok((keys, link))) => {
                     reading = false;
+                    pass_rows += keys.len();
                     tally.archived(ctx, table, keys.len());
                     queue.extend(keys);
                     next_link = link;
@@ -139,22 +190,49 @@ pub(super) async fn purge_pages<'a>(
                     reading = false;
                     first_error.get_or_insert(e);
                 }
-                Done::Batch(Ok(o)) => {
+                Done::Batch(chunk, Ok(o)) => {
                     batches -= 1;
                     tally.batches += 1;
-                    tally.deleted += o.deleted;
-                    tally.already_gone += o.already_gone;
-                    pass_deleted += o.deleted + o.already_gone;
+                    let failed: HashSet<&str> = o.failed.iter().map(|(k, _)| k.as_str()).collect();
+                    // Only rows never reported done before count as progress (and in the
+                    // totals): a row that stays listed after its delete was answered 204 or 404
+                    // is not deleted, however often the service says so.
+                    let mut fresh = 0;
+                    let mut ghosts = Vec::new();
+                    for key in chunk.iter().filter(|k| !failed.contains(k.as_str())) {
+                        let n = reported.entry(key.clone()).or_default();
+                        *n += 1;
+                        if *n == 1 {
+                            fresh += 1;
+                        } else if *n >= MAX_REPORTS_PER_ROW {
+                            ghosts.push(key.clone());
+                        }
+                    }
+                    let deleted = o.deleted.min(fresh);
+                    tally.deleted += deleted;
+                    tally.already_gone += o.already_gone.min(fresh - deleted);
+                    pass_deleted += fresh;
+                    if !ghosts.is_empty() && first_error.is_none() {
+                        let named: Vec<&str> = ghosts
+                            .iter()
+                            .take(MAX_NAMED_ROWS)
+                            .map(String::as_str)
+                            .collect();
+                        first_error = Some(Error::Protocol {
+                            service: service_of(table),
+                            detail: format!(
+                                "{table} still lists {} row(s) whose deletes were answered as done {MAX_REPORTS_PER_ROW} times ({}); the service does not remove them: find out why there (a plug-in, a sync that recreates them), then run relink again",
+                                ghosts.len(),
+                                named.join(", ")
+                            ),
+                        });
+                    }
                     for (key, why) in o.failed {
                         let n = failures.entry(key.clone()).or_default();
                         *n += 1;
                         if *n >= MAX_FAILURES_PER_ROW && first_error.is_none() {
                             first_error = Some(Error::Unavailable {
-                                service: if table == DATAVERSE_TABLE {
-                                    "Dataverse"
-                                } else {
-                                    "F&O"
-                                },
+                                service: service_of(table),
                                 attempts: *n,
                                 detail: format!("row {key} of {table} could not be deleted: {why}"),
                                 retry_after: None,
@@ -166,7 +244,7 @@ pub(super) async fn purge_pages<'a>(
                         rows: tally.deleted + tally.already_gone,
                     });
                 }
-                Done::Batch(Err(e)) => {
+                Done::Batch(_, Err(e)) => {
                     batches -= 1;
                     first_error.get_or_insert(e);
                 }
@@ -174,6 +252,10 @@ pub(super) async fn purge_pages<'a>(
         }
         if let Some(e) = first_error {
             return Err(e);
+        }
+        if pass_rows == 0 {
+            // Every page of the pass was empty (links included): the table is empty.
+            return Ok(tally);
         }
         idle = if pass_deleted == 0 { idle + 1 } else { 0 };
         if idle >= MAX_IDLE_PASSES {
@@ -184,6 +266,15 @@ pub(super) async fn purge_pages<'a>(
                 ),
             });
         }
+    }
+}
+
+/// The service a table lives in, for messages.
+fn service_of(table: &str) -> &'static str {
+    if table == DATAVERSE_TABLE {
+        "Dataverse"
+    } else {
+        "F&O"
     }
 }
 
