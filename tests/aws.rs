@@ -331,3 +331,84 @@ async fn the_watcher_reads_power_platform_operations_with_the_apps_token() {
     let again = a.relink(&["watch", "--json"]).await.json();
     assert!(again["started"].as_array().unwrap().is_empty(), "{again}");
 }
+
+#[tokio::test]
+async fn a_registry_change_takes_effect_on_the_next_event_of_a_warm_function() {
+    use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+    use lambda_runtime::{Context, LambdaEvent};
+    use relink_aws::lambda::{FunctionDeps, HANDOVER_GRACE, handle_batch};
+    use relink_aws::registry::TableRegistry;
+    use relink_aws::secrets::SecretResolver;
+    use relink_aws::sqs::SqsQueue;
+    use relink_core::model::{RunStatus, StageStatus};
+    use relink_core::ports::{LeasesOnly, ProgressStore};
+    use relink_core::progress::TracingSink;
+    use relink_core::registry::Registry;
+    use relink_core::stages::ManualReset;
+    use relink_dynamics::{Http, HttpConnector, RetryPolicy};
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    let a = AwsWorld::new(Spec::default()).await;
+    let store = a.store().await;
+    let text = std::fs::read_to_string(&a.w.config).unwrap();
+    let good = Registry::entry_json(&text, ENV).unwrap();
+    // The entry first points at the wrong organisation (production's Dataverse).
+    let mut wrong = good.clone();
+    wrong["dataverse_url"] = a.w.sim.dataverse_url("prod").into();
+    store.put_entry(ENV, &wrong).await.unwrap();
+
+    // One warm detect-mismatch function, as Lambda keeps it between invocations.
+    let config = relink_aws::sdk_config().await;
+    let mut urls = HashMap::new();
+    for s in Stage::ALL {
+        urls.insert(s, a.queue_url(&format!("{}{}", a.prefix, s.as_str())).await);
+    }
+    let http = Arc::new(Http::new(RetryPolicy::default(), Arc::new(TracingSink)).unwrap());
+    let deps = FunctionDeps {
+        stage: Stage::DetectMismatch,
+        store: Arc::new(store.clone()),
+        queue: Arc::new(SqsQueue::new(a.sqs.clone(), urls)),
+        connector: Arc::new(HttpConnector::new(
+            http,
+            Arc::new(SecretResolver::new(&config)),
+        )),
+        registry: Arc::new(TableRegistry::new(store.clone())),
+        reset: Arc::new(ManualReset),
+        sink: Arc::new(TracingSink),
+        liveness: Arc::new(LeasesOnly),
+        owner_prefix: "lambda".into(),
+        lease: std::time::Duration::from_secs(60),
+        handover_grace: HANDOVER_GRACE,
+    };
+    let event = |run_id: &str| {
+        let mut record = SqsMessage::default();
+        record.message_id = Some(ulid::Ulid::new().to_string());
+        record.body = Some(format!(
+            r#"{{"environment_id":"{ENV}","run_id":"{run_id}"}}"#
+        ));
+        let mut event = SqsEvent::default();
+        event.records = vec![record];
+        LambdaEvent::new(event, Context::default())
+    };
+
+    let first = ulid::Ulid::new().to_string();
+    let out = handle_batch(&deps, event(&first)).await.unwrap();
+    assert!(out.batch_item_failures.is_empty());
+    let run = store.get_run(&first).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Refused, "{run:?}");
+
+    // The operator corrects the entry; the same warm function uses it on its next event.
+    store.put_entry(ENV, &good).await.unwrap();
+    let second = ulid::Ulid::new().to_string();
+    let out = handle_batch(&deps, event(&second)).await.unwrap();
+    assert!(out.batch_item_failures.is_empty());
+    let run = store.get_run(&second).await.unwrap().unwrap();
+    assert_eq!(
+        run.stage(Stage::DetectMismatch).status,
+        StageStatus::Succeeded,
+        "{run:?}"
+    );
+    assert_eq!(run.status, RunStatus::Running, "{run:?}");
+    assert_eq!(a.w.sim.snapshot().deleted.values().sum::<usize>(), 0);
+}
