@@ -336,18 +336,10 @@ async fn the_watcher_reads_power_platform_operations_with_the_apps_token() {
 async fn a_registry_change_takes_effect_on_the_next_event_of_a_warm_function() {
     use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
     use lambda_runtime::{Context, LambdaEvent};
-    use relink_aws::lambda::{FunctionDeps, HANDOVER_GRACE, handle_batch};
-    use relink_aws::registry::TableRegistry;
-    use relink_aws::secrets::SecretResolver;
-    use relink_aws::sqs::SqsQueue;
+    use relink_aws::lambda::handle_batch;
     use relink_core::model::{RunStatus, StageStatus};
-    use relink_core::ports::{LeasesOnly, ProgressStore};
-    use relink_core::progress::TracingSink;
+    use relink_core::ports::ProgressStore;
     use relink_core::registry::Registry;
-    use relink_core::stages::ManualReset;
-    use relink_dynamics::{Http, HttpConnector, RetryPolicy};
-    use std::collections::HashMap;
-    use std::sync::Arc;
 
     let a = AwsWorld::new(Spec::default()).await;
     let store = a.store().await;
@@ -359,28 +351,9 @@ async fn a_registry_change_takes_effect_on_the_next_event_of_a_warm_function() {
     store.put_entry(ENV, &wrong).await.unwrap();
 
     // One warm detect-mismatch function, as Lambda keeps it between invocations.
-    let config = relink_aws::sdk_config().await;
-    let mut urls = HashMap::new();
-    for s in Stage::ALL {
-        urls.insert(s, a.queue_url(&format!("{}{}", a.prefix, s.as_str())).await);
-    }
-    let http = Arc::new(Http::new(RetryPolicy::default(), Arc::new(TracingSink)).unwrap());
-    let deps = FunctionDeps {
-        stage: Stage::DetectMismatch,
-        store: Arc::new(store.clone()),
-        queue: Arc::new(SqsQueue::new(a.sqs.clone(), urls)),
-        connector: Arc::new(HttpConnector::new(
-            http,
-            Arc::new(SecretResolver::new(&config)),
-        )),
-        registry: Arc::new(TableRegistry::new(store.clone())),
-        reset: Arc::new(ManualReset),
-        sink: Arc::new(TracingSink),
-        liveness: Arc::new(LeasesOnly),
-        owner_prefix: "lambda".into(),
-        lease: std::time::Duration::from_secs(60),
-        handover_grace: HANDOVER_GRACE,
-    };
+    let deps = a
+        .function_deps(Stage::DetectMismatch, std::time::Duration::from_secs(60))
+        .await;
     let event = |run_id: &str| {
         let mut record = SqsMessage::default();
         record.message_id = Some(ulid::Ulid::new().to_string());

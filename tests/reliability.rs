@@ -454,13 +454,7 @@ async fn s10_concurrent_workers_conflict_on_the_table() {
 async fn s11_crashed_lock_holder_whose_lease_expires() {
     use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
     use lambda_runtime::{Context, LambdaEvent};
-    use relink_aws::lambda::{FunctionDeps, HANDOVER_GRACE, handle_batch};
-    use relink_aws::registry::TableRegistry;
-    use relink_aws::secrets::SecretResolver;
-    use relink_aws::sqs::SqsQueue;
-    use relink_core::progress::{ProgressSink, TracingSink};
-    use relink_core::stages::ManualReset;
-    use relink_dynamics::{Http, HttpConnector, RetryPolicy};
+    use relink_aws::lambda::handle_batch;
 
     let (a, rows) = world(Spec {
         uat_rows: 4000,
@@ -474,29 +468,17 @@ async fn s11_crashed_lock_holder_whose_lease_expires() {
     });
     // This test process plays the Lambda functions, on another "host": their leases cannot be
     // checked for a dead process, only waited out.
-    let config = relink_aws::sdk_config().await;
     let store = a.store().await;
-    let mut urls = HashMap::new();
+    let mut deps = HashMap::new();
     for s in Stage::ALL {
-        urls.insert(s, a.queue_url(&format!("{}{}", a.prefix, s.as_str())).await);
+        deps.insert(s, a.function_deps(s, Duration::from_secs(60)).await);
     }
-    let sink: Arc<dyn ProgressSink> = Arc::new(TracingSink);
-    let http = Arc::new(Http::new(RetryPolicy::default(), sink.clone()).unwrap());
-    let deps = |stage| FunctionDeps {
-        stage,
-        store: Arc::new(store.clone()),
-        queue: Arc::new(SqsQueue::new(a.sqs.clone(), urls.clone())),
-        connector: Arc::new(HttpConnector::new(
-            http.clone(),
-            Arc::new(SecretResolver::new(&config)),
-        )),
-        registry: Arc::new(TableRegistry::new(store.clone())),
-        reset: Arc::new(ManualReset),
-        sink: sink.clone(),
-        liveness: Arc::new(relink_core::ports::LeasesOnly),
-        owner_prefix: "lambda".into(),
-        lease: Duration::from_secs(60),
-        handover_grace: HANDOVER_GRACE,
+    let urls: HashMap<Stage, String> = {
+        let mut u = HashMap::new();
+        for s in Stage::ALL {
+            u.insert(s, a.queue_url(&format!("{}{}", a.prefix, s.as_str())).await);
+        }
+        u
     };
     let receive = async |stage: Stage| {
         let out = a
@@ -525,7 +507,7 @@ async fn s11_crashed_lock_holder_whose_lease_expires() {
     let run_id = a.inject(ENV).await;
     for s in [Stage::DetectMismatch, Stage::PurgeKeys] {
         let (event, receipt) = receive(s).await;
-        let out = handle_batch(&deps(s), event).await.unwrap();
+        let out = handle_batch(&deps[&s], event).await.unwrap();
         assert!(out.batch_item_failures.is_empty());
         a.sqs
             .delete_message()
@@ -536,7 +518,9 @@ async fn s11_crashed_lock_holder_whose_lease_expires() {
             .unwrap();
     }
     let (event, _) = receive(Stage::ClearDataverseConfigs).await;
-    let clear = deps(Stage::ClearDataverseConfigs);
+    let clear = a
+        .function_deps(Stage::ClearDataverseConfigs, Duration::from_secs(60))
+        .await;
     let crashed = tokio::spawn(async move {
         handle_batch(&clear, event).await.ok();
     });
@@ -556,7 +540,7 @@ async fn s11_crashed_lock_holder_whose_lease_expires() {
         .expect("the crashed invocation's lock");
     let dead = held.owner.clone().expect("held by the crashed invocation");
     let (event, receipt) = receive(Stage::ClearDataverseConfigs).await;
-    let out = handle_batch(&deps(Stage::ClearDataverseConfigs), event)
+    let out = handle_batch(&deps[&Stage::ClearDataverseConfigs], event)
         .await
         .unwrap();
     let still = store.get_lock(ENV).await.unwrap().unwrap();

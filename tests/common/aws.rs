@@ -213,6 +213,47 @@ impl AwsWorld {
         out.json()["run_id"].as_str().unwrap().to_string()
     }
 
+    /// A stage function's wiring against this world, as `FunctionDeps::from_env` builds it in
+    /// Lambda (table registry, Secrets Manager, SQS, leases only: this test process is "another
+    /// host"), for tests that play the function in-process.
+    pub async fn function_deps(
+        &self,
+        stage: Stage,
+        lease: Duration,
+    ) -> relink_aws::lambda::FunctionDeps {
+        use relink_core::progress::TracingSink;
+        use relink_dynamics::{Http, HttpConnector, RetryPolicy};
+        use std::sync::Arc;
+
+        let config = relink_aws::sdk_config().await;
+        let store = self.store().await;
+        let mut urls = std::collections::HashMap::new();
+        for s in Stage::ALL {
+            urls.insert(
+                s,
+                self.queue_url(&format!("{}{}", self.prefix, s.as_str()))
+                    .await,
+            );
+        }
+        let http = Arc::new(Http::new(RetryPolicy::default(), Arc::new(TracingSink)).unwrap());
+        relink_aws::lambda::FunctionDeps {
+            stage,
+            store: Arc::new(store.clone()),
+            queue: Arc::new(relink_aws::sqs::SqsQueue::new(self.sqs.clone(), urls)),
+            connector: Arc::new(HttpConnector::new(
+                http,
+                Arc::new(relink_aws::secrets::SecretResolver::new(&config)),
+            )),
+            registry: Arc::new(relink_aws::registry::TableRegistry::new(store)),
+            reset: Arc::new(relink_core::stages::ManualReset),
+            sink: Arc::new(TracingSink),
+            liveness: Arc::new(relink_core::ports::LeasesOnly),
+            owner_prefix: "lambda".into(),
+            lease,
+            handover_grace: relink_aws::lambda::HANDOVER_GRACE,
+        }
+    }
+
     /// The table, through the store the functions use.
     pub async fn store(&self) -> relink_aws::dynamo::DynamoStore {
         let config = relink_aws::sdk_config().await;
