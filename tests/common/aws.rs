@@ -56,6 +56,11 @@ impl AwsWorld {
             ])
             .await;
         assert_eq!(out.code, 0, "{out:?}");
+        assert!(
+            out.stderr
+                .contains("shorter than the clear-dataverse-configs function's timeout"),
+            "a visibility shorter than a function's timeout is pointed out: {out:?}"
+        );
         let mut push = vec!["env", "push"];
         push.extend(aws.w.envs.iter().map(String::as_str));
         let out = aws.relink(&push).await;

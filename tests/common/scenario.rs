@@ -89,6 +89,10 @@ impl AwsWorld {
             .collect();
         assert!(unexpected.is_empty(), "runs nobody started: {unexpected:?}");
 
+        assert!(
+            !self.logs().contains('\u{1b}'),
+            "a log written to a file or a pipe carries terminal colour codes"
+        );
         let snap = self.w.sim.snapshot();
         let wrong_org_deleted = snap.deleted.get("dataverse/prod").copied().unwrap_or(0);
         let rows_deleted = snap.deleted.values().sum::<usize>() - wrong_org_deleted;

@@ -72,6 +72,20 @@ impl Aws {
 
     /// `relink local-stack create`: the table and queues as the template defines them.
     pub async fn create_stack(&self, visibility: Option<Duration>) -> Result<u8> {
+        if let Some(v) = visibility {
+            // AWS refuses an SQS event source whose visibility timeout is shorter than the
+            // function's timeout; a local stack for `relink worker` tests may want it short.
+            for stage in Stage::ALL {
+                let timeout = relink_aws::function_timeout(stage);
+                if v < timeout {
+                    eprintln!(
+                        "warning: --visibility-secs {} is shorter than the {stage} function's timeout ({} s): AWS would refuse such a queue as the function's event source (the template uses 6x the timeout); use it only for relink worker against a local stack",
+                        v.as_secs(),
+                        timeout.as_secs()
+                    );
+                }
+            }
+        }
         stack::create_table(self.store.client(), self.store.table()).await?;
         stack::create_queues(&self.sqs(), &self.names, visibility).await?;
         println!(

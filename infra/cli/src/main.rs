@@ -216,8 +216,10 @@ fn main() -> ExitCode {
 fn init_logs(json: bool) {
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("RELINK_LOG").unwrap_or_else(|_| "warn".into());
+    // Colour codes only for a terminal: a file, a pipe or CloudWatch gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().flatten_event(true).init();

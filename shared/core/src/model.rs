@@ -130,6 +130,17 @@ pub enum StageStatus {
 }
 
 impl StageStatus {
+    /// The status as the event, the store and the logs spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageStatus::Pending => "pending",
+            StageStatus::Running => "running",
+            StageStatus::Succeeded => "succeeded",
+            StageStatus::Skipped => "skipped",
+            StageStatus::Failed => "failed",
+        }
+    }
+
     /// Whether the stage's work is done (successfully or by decision).
     pub fn is_done(self) -> bool {
         matches!(self, StageStatus::Succeeded | StageStatus::Skipped)

@@ -381,10 +381,10 @@ impl Engine<'_> {
         crate::failpoint::point("stage-recorded", stage);
         self.sink.emit(Progress::StageFinished {
             stage,
-            status: format!("{:?}", report.status).to_lowercase(),
+            status: report.status.as_str().into(),
             summary: report.summary.clone(),
         });
-        tracing::info!(run_id = %run.run_id, environment_id = %env.id, stage = %stage, status = %run.status, summary = %report.summary, "stage finished");
+        tracing::info!(run_id = %run.run_id, environment_id = %env.id, stage = %stage, status = run.stage(stage).status.as_str(), run_status = %run.status, summary = %report.summary, "stage finished");
         let next_event = match next {
             Some(n) => {
                 self.store
