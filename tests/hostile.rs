@@ -25,6 +25,8 @@ enum Lie {
     EndlessToken,
     /// `200` with a body that never ends.
     EndlessAnswer,
+    /// `400` whose OData message carries terminal escape codes and a carriage return.
+    ForgedText,
 }
 
 /// Serves `lie` on a free loopback port; returns its base URL and the request counter.
@@ -70,6 +72,10 @@ async fn hostile(lie: Lie) -> (String, Arc<AtomicUsize>) {
                             format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
                         }
                         Lie::EndlessToken => "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".into(),
+                        Lie::ForgedText => {
+                            let body = r#"{"error":{"code":"0x0","message":"\u001b[2K\u001b[32mrun succeeded\r\u001b]0;owned\u0007"}}"#;
+                            format!("HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+                        }
                         Lie::EndlessErrorBody | Lie::EndlessAnswer => {
                             let head = if matches!(lie, Lie::EndlessAnswer) {
                                 "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -161,4 +167,22 @@ async fn an_endless_answer_is_refused_past_its_bound() {
     assert_eq!(out.code, 1, "{out:?}");
     assert!(out.stderr.contains("larger than"), "{out:?}");
     assert_eq!(requests, 1, "{out:?}");
+}
+
+#[tokio::test]
+async fn server_text_cannot_drive_the_terminal() {
+    let (out, requests, w) = run_against(Lie::ForgedText, false).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(requests, 1, "{out:?}");
+    let status = w.relink(&["status", ENV]).await;
+    for text in [&out.stdout, &out.stderr, &status.stdout, &status.stderr] {
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\r') && !text.contains('\u{7}'),
+            "control characters from a server reached the terminal: {text:?}"
+        );
+    }
+    assert!(
+        status.stdout.contains("run succeeded"),
+        "the text is shown, escaped: {status:?}"
+    );
 }

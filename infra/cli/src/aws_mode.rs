@@ -209,7 +209,7 @@ impl Aws {
                 report.already_seen
             );
             for (env, source, e) in &report.errors {
-                eprintln!("error: {env} ({source}): {e}");
+                eprintln!("error: {env} ({source}): {}", crate::display::printable(e));
             }
         }
         Ok(if report.errors.is_empty() {

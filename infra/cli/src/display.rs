@@ -9,6 +9,7 @@ use std::time::Duration;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use relink_core::model::{Run, Stage};
 use relink_core::progress::{Progress, ProgressSink};
+pub use relink_core::redact::printable;
 use serde_json::{Value, json};
 
 /// Progress for operators: indicatif spinners on a terminal, plain lines when piped.
@@ -135,7 +136,7 @@ impl ProgressSink for Display {
                 } else {
                     String::new()
                 };
-                let text = format!("[{stage}] {status}: {summary}{retries}");
+                let text = format!("[{stage}] {status}: {}{retries}", printable(&summary));
                 if let Some(bar) = st.bars.remove(&stage) {
                     bar.finish_and_clear();
                 }
@@ -210,11 +211,11 @@ pub fn run_text(run: &Run) -> String {
             out.push_str(&format!(" attempts {}", s.attempts));
         }
         if let Some(o) = &s.outcome {
-            out.push_str(&format!(" {}", summarize(o)));
+            out.push_str(&format!(" {}", printable(&summarize(o))));
         }
         out.push('\n');
         if let Some(e) = &s.error {
-            out.push_str(&format!("  {:<24} error: {e}\n", ""));
+            out.push_str(&format!("  {:<24} error: {}\n", "", printable(e)));
         }
     }
     if let Some(i) = &run.instructions {

@@ -104,7 +104,7 @@ impl Embedded {
                 Ok(_) => {}
                 Err(e @ Error::LockHeld { .. }) => return Err(e),
                 Err(e) if e.is_retryable() => {
-                    eprintln!("error: {e}");
+                    eprintln!("error: {}", crate::display::printable(&e.to_string()));
                     return engine.abandon(&run_id, &e).await;
                 }
                 Err(e) => return Err(e),
@@ -281,7 +281,12 @@ pub async fn status(store: &dyn ProgressStore, q: StatusQuery<'_>) -> Result<u8>
             println!("{}", serde_json::to_string_pretty(&rejected).expect("json"));
         } else {
             for r in &rejected {
-                println!("{}  message {}  {}", r.received_at, r.message_id, r.error);
+                println!(
+                    "{}  message {}  {}",
+                    r.received_at,
+                    crate::display::printable(&r.message_id),
+                    crate::display::printable(&r.error)
+                );
             }
         }
         return Ok(crate::exit::OK);

@@ -267,7 +267,7 @@ async fn dispatch(cli: Cli) -> u8 {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", crate::display::printable(&e.to_string()));
             error_code(&e)
         }
     }

@@ -45,9 +45,30 @@ pub fn redact_row(row: &Value) -> Value {
     }
 }
 
+/// Text that came from a server (OData messages, organisation names, URLs), made safe for a
+/// terminal or a log line: every control character, newlines and escape codes included, is
+/// shown escaped, so a server cannot colour, move the cursor or forge a line.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_text_loses_its_control_characters() {
+        assert_eq!(printable("org\u{1b}[31mprod\r\nok"), "org\\u{1b}[31mprod\\r\\nok");
+        assert_eq!(printable("Contoso Ltd — UAT"), "Contoso Ltd — UAT");
+    }
     use serde_json::json;
 
     #[test]

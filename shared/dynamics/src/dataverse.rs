@@ -120,11 +120,9 @@ impl DataverseApi for DataverseClient {
         let d = v
             .get("Detail")
             .ok_or_else(|| protocol("RetrieveCurrentOrganization answer without Detail"))?;
+        // Server text: escaped once here, so no message or log line can carry its controls.
         let field = |k: &str| {
-            d.get(k)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string()
+            relink_core::redact::printable(d.get(k).and_then(Value::as_str).unwrap_or_default())
         };
         let org = Organization {
             organization_id: field("OrganizationId"),
@@ -151,7 +149,7 @@ impl DataverseApi for DataverseClient {
                 .and_then(Value::as_str)
                 .filter(|u| !u.is_empty())
                 .map(|u| FnoIntegration {
-                    url: u.to_string(),
+                    url: relink_core::redact::printable(u),
                     tenant_id: v
                         .get("TenantId")
                         .and_then(Value::as_str)

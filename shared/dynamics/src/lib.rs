@@ -143,7 +143,11 @@ impl Http {
                             .headers()
                             .get(reqwest::header::LOCATION)
                             .and_then(|v| v.to_str().ok())
-                            .map(|l| l.chars().take(200).collect::<String>())
+                            .map(|l| {
+                                relink_core::redact::printable(
+                                    &l.chars().take(200).collect::<String>(),
+                                )
+                            })
                             .unwrap_or_default();
                         return Err(Error::Protocol {
                             service: service.name,
@@ -363,7 +367,7 @@ pub fn odata_error_message(text: &str) -> String {
         })
         .unwrap_or_else(|| text.to_string());
     let line = msg.lines().next().unwrap_or_default();
-    line.chars().take(300).collect()
+    relink_core::redact::printable(&line.chars().take(300).collect::<String>())
 }
 
 #[cfg(test)]

@@ -61,7 +61,7 @@ pub async fn inspect(
                 pointing_here += 1;
             } else {
                 elsewhere += 1;
-                let u = norm_url(url);
+                let u = crate::redact::printable(&norm_url(url));
                 if !u.is_empty() && others.len() < MAX_LISTED_URLS && !others.contains(&u) {
                     others.push(u);
                 }
