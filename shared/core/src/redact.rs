@@ -64,12 +64,16 @@ pub fn printable(text: &str) -> String {
 mod tests {
     use super::*;
 
+    use serde_json::json;
+
     #[test]
     fn server_text_loses_its_control_characters() {
-        assert_eq!(printable("org\u{1b}[31mprod\r\nok"), "org\\u{1b}[31mprod\\r\\nok");
+        assert_eq!(
+            printable("org\u{1b}[31mprod\r\nok"),
+            "org\\u{1b}[31mprod\\r\\nok"
+        );
         assert_eq!(printable("Contoso Ltd — UAT"), "Contoso Ltd — UAT");
     }
-    use serde_json::json;
 
     #[test]
     fn connection_strings_and_keys_are_redacted() {
