@@ -736,13 +736,7 @@ async fn s13_poison_messages() {
     let worker = a.drain(&[]).await;
     assert_eq!(worker.code, 0, "{worker:?}");
 
-    let rejected = a.status_json(&["--rejected"]).await;
-    let errors: Vec<String> = rejected
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["error"].as_str().unwrap().to_string())
-        .collect();
+    let errors = a.rejected_errors().await;
     assert_eq!(errors.len(), poison.len(), "{errors:#?}");
     let unmatched: Vec<&str> = poison
         .iter()
@@ -956,19 +950,8 @@ async fn s17_plain_http_to_a_remote_host_is_refused() {
     // A hand-written table entry that skipped the check: its events are refused, the others run.
     let mut entry = relink_core::registry::Registry::entry_json(&text, ENV).unwrap();
     entry["dataverse_url"] = remote.into();
-    a.store().await.put_entry("insecure", &entry).await.unwrap();
-    a.send_raw(Stage::DetectMismatch, r#"{"environment_id":"insecure"}"#)
-        .await;
-    let run_id = a.inject(ENV).await;
-    let worker = a.drain(&[]).await;
-    assert_eq!(worker.code, 0, "{worker:?}");
-    let rejected = a.status_json(&["--rejected"]).await;
-    let errors: Vec<&str> = rejected
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["error"].as_str().unwrap())
-        .collect();
+    let run_id = a.event_for_table_entry("insecure", &entry).await;
+    let errors = a.rejected_errors().await;
     assert!(
         errors.len() == 1 && errors[0].contains("plain http"),
         "{errors:?}"
@@ -995,23 +978,8 @@ async fn s18_a_table_entry_cannot_send_the_functions_environment_anywhere() {
     // Written straight into the table: the "secret" is the worker's own AWS secret key.
     let mut entry = relink_core::registry::Registry::entry_json(&text, ENV).unwrap();
     entry["client_secret"] = serde_json::json!({"env": "AWS_SECRET_ACCESS_KEY"});
-    a.store()
-        .await
-        .put_entry("envsecret", &entry)
-        .await
-        .unwrap();
-    a.send_raw(Stage::DetectMismatch, r#"{"environment_id":"envsecret"}"#)
-        .await;
-    let run_id = a.inject(ENV).await;
-    let worker = a.drain(&[]).await;
-    assert_eq!(worker.code, 0, "{worker:?}");
-    let rejected = a.status_json(&["--rejected"]).await;
-    let errors: Vec<&str> = rejected
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["error"].as_str().unwrap())
-        .collect();
+    let run_id = a.event_for_table_entry("envsecret", &entry).await;
+    let errors = a.rejected_errors().await;
     assert!(
         errors.len() == 1
             && errors[0].contains("AWS_SECRET_ACCESS_KEY")
@@ -1045,19 +1013,8 @@ async fn s19_a_table_entry_cannot_send_the_secret_to_a_host_of_its_choosing() {
     // Written straight into the table: a valid secret, sent to an authority the entry chose.
     let mut entry = relink_core::registry::Registry::entry_json(&text, ENV).unwrap();
     entry["authority"] = "https://login.microsoftonline.com.attacker.example".into();
-    a.store().await.put_entry("stealer", &entry).await.unwrap();
-    a.send_raw(Stage::DetectMismatch, r#"{"environment_id":"stealer"}"#)
-        .await;
-    let run_id = a.inject(ENV).await;
-    let worker = a.drain(&[]).await;
-    assert_eq!(worker.code, 0, "{worker:?}");
-    let rejected = a.status_json(&["--rejected"]).await;
-    let errors: Vec<&str> = rejected
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["error"].as_str().unwrap())
-        .collect();
+    let run_id = a.event_for_table_entry("stealer", &entry).await;
+    let errors = a.rejected_errors().await;
     assert!(
         errors.len() == 1 && errors[0].contains("not a host relink sends credentials to"),
         "{errors:?}"

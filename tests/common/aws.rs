@@ -259,6 +259,33 @@ impl AwsWorld {
         }
     }
 
+    /// The error of every message recorded as rejected (`relink status --rejected`).
+    pub async fn rejected_errors(&self) -> Vec<String> {
+        self.status_json(&["--rejected"])
+            .await
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["error"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Writes `entry` straight into the table as environment `id` (skipping `env push`'s
+    /// checks), sends a detect event for it and one for the world's own environment, and drains
+    /// the queues with a worker. Returns the world environment's run.
+    pub async fn event_for_table_entry(&self, id: &str, entry: &serde_json::Value) -> String {
+        self.store().await.put_entry(id, entry).await.unwrap();
+        self.send_raw(
+            Stage::DetectMismatch,
+            &format!(r#"{{"environment_id":"{id}"}}"#),
+        )
+        .await;
+        let run_id = self.inject(super::ENV).await;
+        let worker = self.drain(&[]).await;
+        assert_eq!(worker.code, 0, "{worker:?}");
+        run_id
+    }
+
     /// The table, through the store the functions use.
     pub async fn store(&self) -> relink_aws::dynamo::DynamoStore {
         let config = relink_aws::sdk_config().await;

@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::coldstart::{percentile, spawn_bootstrap};
+use crate::pipeline::{app_secret, registry_entry};
 
 /// How the start-up shapes compared when the functions still had them (the measurement that
 /// chose building in `main`), kept on the page with the figures of every later run.
@@ -33,8 +34,6 @@ const SHAPES_MEASURED: &str = "Start-up shape: on 2026-11-28, before the other t
     relink kept the plain shape (clients built in `main`, then the runtime) and removed the other two.";
 /// The minimal SDK Lambda.
 const BASELINE: &str = "bench-sdk";
-const CLIENT: &str = "44444444-4444-4444-4444-444444444444";
-const SECRET: &str = "pipeline-bench-secret";
 
 /// What the benchmark set up in the local stack.
 struct Bench {
@@ -48,22 +47,8 @@ impl Bench {
     /// A registry entry (and its simulated Dataverse and F&O) for one measured environment.
     async fn environment(&self, id: &str) -> Result<()> {
         crate::pipeline::seed(&self.sim, &[id.to_string()])?;
-        let org = id.replace('-', "");
         self.store
-            .put_entry(
-                id,
-                &serde_json::json!({
-                    "kind": "uat",
-                    "fno_url": self.sim.fno_url(id),
-                    "dataverse_url": self.sim.dataverse_url(&org),
-                    "dataverse_unique_name": format!("org{org}"),
-                    "tenant_id": "bench",
-                    "client_id": CLIENT,
-                    "client_secret": {"secret_arn": self.secret_arn},
-                    "authority": self.sim.authority(),
-                    "allow_insecure_http": true,
-                }),
-            )
+            .put_entry(id, &registry_entry(&self.sim, id, &self.secret_arn))
             .await?;
         Ok(())
     }
@@ -125,15 +110,11 @@ pub async fn run(lambda_dir: &Path, runs: usize) -> Result<String> {
         .queue_url()
         .context("queue url")?
         .to_string();
-    let secret_arn = aws_sdk_secretsmanager::Client::new(&config)
-        .create_secret()
-        .name(format!("relink-bench-first/{id}"))
-        .secret_string(SECRET)
-        .send()
-        .await?
-        .arn()
-        .context("secret arn")?
-        .to_string();
+    let secret_arn = app_secret(
+        &aws_sdk_secretsmanager::Client::new(&config),
+        &format!("relink-bench-first/{id}"),
+    )
+    .await?;
     let sim = Sim::start(([127, 0, 0, 1], 0).into()).await?;
     let env: Vec<(String, String)> = [
         ("AWS_REGION", "us-east-1"),

@@ -191,15 +191,11 @@ pub async fn run(fan_out: usize) -> Result<String> {
     for s in Stage::ALL {
         urls.insert(s, relink_aws::sqs::queue_url(&sqs, &names.queue(s)).await?);
     }
-    let secret_arn = aws_sdk_secretsmanager::Client::new(&config)
-        .create_secret()
-        .name(format!("relink-bench/{id}"))
-        .secret_string(SECRET)
-        .send()
-        .await?
-        .arn()
-        .context("secret arn")?
-        .to_string();
+    let secret_arn = app_secret(
+        &aws_sdk_secretsmanager::Client::new(&config),
+        &format!("relink-bench/{id}"),
+    )
+    .await?;
 
     let envs: Vec<String> = (0..SEQUENTIAL)
         .map(|i| format!("seq-{i:03}"))
@@ -209,19 +205,9 @@ pub async fn run(fan_out: usize) -> Result<String> {
     seed(&sim, &envs)?;
     let store = DynamoStore::new(ddb.clone(), &table);
     for env in &envs {
-        let org = env.replace('-', "");
-        let entry = serde_json::json!({
-            "kind": "uat",
-            "fno_url": sim.fno_url(env),
-            "dataverse_url": sim.dataverse_url(&org),
-            "dataverse_unique_name": format!("org{org}"),
-            "tenant_id": "bench",
-            "client_id": CLIENT,
-            "client_secret": {"secret_arn": secret_arn},
-            "authority": sim.authority(),
-            "allow_insecure_http": true,
-        });
-        store.put_entry(env, &entry).await?;
+        store
+            .put_entry(env, &registry_entry(&sim, env, &secret_arn))
+            .await?;
     }
 
     let clock: Clock = Arc::default();
@@ -273,6 +259,38 @@ pub async fn run(fan_out: usize) -> Result<String> {
         p.await.ok();
     }
     Ok(report(&sequential, &fan, &endpoint))
+}
+
+/// Stores the seeded app's client secret in Secrets Manager under `name`; returns its ARN.
+pub(crate) async fn app_secret(
+    secrets: &aws_sdk_secretsmanager::Client,
+    name: &str,
+) -> Result<String> {
+    Ok(secrets
+        .create_secret()
+        .name(name)
+        .secret_string(SECRET)
+        .send()
+        .await?
+        .arn()
+        .context("secret arn")?
+        .to_string())
+}
+
+/// The registry entry of a seeded environment (its own Dataverse organisation and F&O).
+pub(crate) fn registry_entry(sim: &Sim, env: &str, secret_arn: &str) -> serde_json::Value {
+    let org = env.replace('-', "");
+    serde_json::json!({
+        "kind": "uat",
+        "fno_url": sim.fno_url(env),
+        "dataverse_url": sim.dataverse_url(&org),
+        "dataverse_unique_name": format!("org{org}"),
+        "tenant_id": "bench",
+        "client_id": CLIENT,
+        "client_secret": {"secret_arn": secret_arn},
+        "authority": sim.authority(),
+        "allow_insecure_http": true,
+    })
 }
 
 pub(crate) fn seed(sim: &Sim, envs: &[String]) -> Result<()> {

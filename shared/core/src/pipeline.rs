@@ -104,7 +104,7 @@ impl Engine<'_> {
         // same event may have finished the stage meanwhile.
         let run = self
             .store
-            .get_run(&run.run_id)
+            .find_run(&run.environment_id, &run.run_id)
             .await?
             .ok_or_else(|| Error::RunNotFound(run.run_id.clone()))?;
         if let Some(done) = self.already_handled(run.clone(), event).await? {

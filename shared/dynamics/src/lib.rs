@@ -294,8 +294,21 @@ pub fn parse_retry_after(v: &str) -> Option<Duration> {
 /// that lies, refused before it can take the process's memory.
 pub const MAX_BODY: usize = 32 * 1024 * 1024;
 
+/// Reads at most `limit` bytes of a body; `true` with them when that was the whole body.
+async fn read_capped(mut resp: Response, limit: usize) -> reqwest::Result<(Vec<u8>, bool)> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            body.extend_from_slice(&chunk[..limit - body.len()]);
+            return Ok((body, false));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((body, true))
+}
+
 /// Reads an answer's body, at most [`MAX_BODY`]; `what` names it in errors.
-pub async fn read_body(service: Service, mut resp: Response, what: &str) -> Result<Vec<u8>> {
+pub async fn read_body(service: Service, resp: Response, what: &str) -> Result<Vec<u8>> {
     let too_big = || Error::Protocol {
         service: service.name,
         detail: format!("{what}: the answer is larger than {} MB", MAX_BODY >> 20),
@@ -303,26 +316,16 @@ pub async fn read_body(service: Service, mut resp: Response, what: &str) -> Resu
     if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
         return Err(too_big());
     }
-    let mut body = Vec::new();
-    loop {
-        match resp.chunk().await {
-            Ok(Some(chunk)) => {
-                if body.len() + chunk.len() > MAX_BODY {
-                    return Err(too_big());
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(None) => return Ok(body),
-            // The headers came, the body broke off: as retryable as a dropped connection.
-            Err(e) => {
-                return Err(Error::Unavailable {
-                    service: service.name,
-                    attempts: 1,
-                    detail: format!("{what}: {}", relink_core::error::chain(&e)),
-                    retry_after: None,
-                });
-            }
-        }
+    match read_capped(resp, MAX_BODY).await {
+        Ok((body, true)) => Ok(body),
+        Ok((_, false)) => Err(too_big()),
+        // The headers came, the body broke off: as retryable as a dropped connection.
+        Err(e) => Err(Error::Unavailable {
+            service: service.name,
+            attempts: 1,
+            detail: format!("{what}: {}", relink_core::error::chain(&e)),
+            retry_after: None,
+        }),
     }
 }
 
@@ -343,15 +346,11 @@ pub async fn read_json<T: serde::de::DeserializeOwned>(
 /// bound on what a hostile server can make it hold.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
-async fn error_detail(mut resp: Response) -> String {
-    let mut body = Vec::new();
-    while body.len() < MAX_ERROR_BODY {
-        match resp.chunk().await {
-            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
-            _ => break,
-        }
-    }
-    body.truncate(MAX_ERROR_BODY);
+async fn error_detail(resp: Response) -> String {
+    let body = read_capped(resp, MAX_ERROR_BODY)
+        .await
+        .map(|(body, _)| body)
+        .unwrap_or_default();
     odata_error_message(&String::from_utf8_lossy(&body))
 }
 
