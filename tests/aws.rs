@@ -286,15 +286,18 @@ async fn the_watcher_reads_power_platform_operations_with_the_apps_token() {
         ..Spec::default()
     })
     .await;
-    let op = |id: &str, kind: &str, status: &str| serde_json::json!({"id": id, "operationType": kind, "status": status, "createdDateTime": jiff::Timestamp::now().to_string(), "lastActionDateTime": jiff::Timestamp::now().to_string()});
+    // The documented shape, two to a page: the copy is on the third page.
+    let op = |id: &str, name: &str, status: &str| serde_json::json!({"operationId": id, "name": name, "status": status, "startTime": jiff::Timestamp::now().to_string(), "endTime": jiff::Timestamp::now().to_string()});
     a.w.sim
         .seed(&Seed {
             power_platform: vec![PowerPlatformSeed {
                 environment_id: "pp-env-1".into(),
                 operations: vec![
-                    op("op-copy", "Copy", "Succeeded"),
                     op("op-backup", "Backup", "Succeeded"),
-                    op("op-running", "Restore", "Running"),
+                    serde_json::json!({"operationId": "op-running", "name": "Restore", "status": "Running", "startTime": jiff::Timestamp::now().to_string()}),
+                    serde_json::json!({"operationId": "op-no-end", "name": "Copy", "status": "Succeeded"}),
+                    op("op-failed", "Restore", "Failed"),
+                    op("op-copy", "Copy", "Succeeded"),
                 ],
             }],
             ..Seed::default()
@@ -327,6 +330,12 @@ async fn the_watcher_reads_power_platform_operations_with_the_apps_token() {
         started,
         ["op-copy"],
         "only the completed copy starts a run: {report}"
+    );
+    let skipped = report["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1, "{report}");
+    assert!(
+        skipped[0][2].as_str().unwrap().contains("op-no-end"),
+        "the unusable operation is recorded, not a stall: {report}"
     );
     let again = a.relink(&["watch", "--json"]).await.json();
     assert!(again["started"].as_array().unwrap().is_empty(), "{again}");

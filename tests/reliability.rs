@@ -1072,3 +1072,162 @@ async fn s20_rows_that_never_go_away_end_the_stage_instead_of_looping() {
     )
     .await;
 }
+
+/// The F&O keys, the UAT and the production runtime configurations, in that order.
+fn rows_left(a: &AwsWorld) -> (usize, usize, usize) {
+    let snap = a.w.sim.snapshot();
+    (
+        snap.project_configs[ENV],
+        snap.runtime_configs["uat"],
+        snap.runtime_configs["prod"],
+    )
+}
+
+/// The UAT organisation seeded again (new rows, same count) as `platform` and `paired_with` say.
+fn reseed_uat(a: &AwsWorld, paired_with: Option<&str>, platform: Option<relink_sim::PlatformSeed>) {
+    a.w.sim
+        .seed(&relink_sim::Seed {
+            organizations: vec![relink_sim::OrgSeed {
+                name: "uat".into(),
+                unique_name: "orgcontosouat".into(),
+                organization_id: None,
+                friendly_name: None,
+                integrated_fno: paired_with.map(Into::into),
+                runtime_configs: 300,
+                platform,
+            }],
+            ..relink_sim::Seed::default()
+        })
+        .unwrap();
+}
+
+#[tokio::test]
+async fn s21_the_pairing_changes_between_detect_and_purge() {
+    use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+    use lambda_runtime::{Context, LambdaEvent};
+
+    let (a, _) = world(Spec::default()).await;
+    // detect-mismatch runs in a warm function and queues purge-keys...
+    let deps = a
+        .function_deps(Stage::DetectMismatch, Duration::from_secs(60))
+        .await;
+    let run_id = ulid::Ulid::new().to_string();
+    let mut record = SqsMessage::default();
+    record.message_id = Some(ulid::Ulid::new().to_string());
+    record.body = Some(format!(
+        r#"{{"environment_id":"{ENV}","run_id":"{run_id}"}}"#
+    ));
+    let mut event = SqsEvent::default();
+    event.records = vec![record];
+    let out = relink_aws::lambda::handle_batch(&deps, LambdaEvent::new(event, Context::default()))
+        .await
+        .unwrap();
+    assert!(out.batch_item_failures.is_empty());
+    // ...then the Dataverse is linked to another F&O before purge-keys runs.
+    reseed_uat(&a, Some("contoso-other"), None);
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    let run = a.status_json(&["--run", &run_id]).await;
+    assert_eq!(
+        stage(&run, "detect-mismatch")["status"],
+        "succeeded",
+        "{run}"
+    );
+    let error = stage(&run, "purge-keys")["error"].as_str().unwrap();
+    assert!(
+        error.contains("/fno/contoso-other") && error.contains("not to the registered"),
+        "{error}"
+    );
+    assert_eq!(rows_left(&a), (40, 300, 25), "every row is still there");
+    a.conclude(
+        Scenario {
+            id: "21-pairing-checked-by-each-stage",
+            title: "Dataverse linked to another F&O between detect and purge",
+            injected: "after `detect-mismatch` succeeded, Dataverse starts naming a different F&O environment",
+            runs: vec![(run_id, RunStatus::Refused)],
+            rows_expected: 0,
+            kept_rows: 0,
+            also_secret: vec![],
+        },
+        "purge-keys refused by its own pairing guard (RetrieveFinanceAndOperationsIntegrationDetails names another F&O); no row touched",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s22_the_platform_says_production_although_the_registry_says_uat() {
+    let (a, _) = world(Spec {
+        uat_platform: Some(relink_sim::PlatformSeed {
+            environment_type: "Production".into(),
+            linked_fno: Some(ENV.into()),
+            admin_shape: false,
+        }),
+        registry_extra: "power_platform_api = \"{sim}/powerplatform\"\n".into(),
+        ..Spec::default()
+    })
+    .await;
+    let first = a.inject(ENV).await;
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    // The admin API's shape (`properties.environmentSku`) says the same.
+    reseed_uat(
+        &a,
+        Some(ENV),
+        Some(relink_sim::PlatformSeed {
+            environment_type: "Production".into(),
+            linked_fno: None,
+            admin_shape: true,
+        }),
+    );
+    let second = a.inject(ENV).await;
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    for run_id in [&first, &second] {
+        let run = a.status_json(&["--run", run_id]).await;
+        let error = stage(&run, "detect-mismatch")["error"].as_str().unwrap();
+        assert!(error.contains("type Production"), "{error}");
+    }
+    assert_eq!(rows_left(&a), (40, 300, 25), "every row is still there");
+    a.conclude(
+        Scenario {
+            id: "22-platform-says-production",
+            title: "The Power Platform API says Production, the registry says uat",
+            injected: "an environment of type Production (both record shapes) registered as kind `uat` without `allow_production`",
+            runs: vec![(first, RunStatus::Refused), (second, RunStatus::Refused)],
+            rows_expected: 0,
+            kept_rows: 0,
+            also_secret: vec![],
+        },
+        "both runs refused on the platform's word (top-level `type`, then `properties.environmentSku`); no row touched",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s23_nobody_can_say_which_fno_the_dataverse_is_linked_to() {
+    let (a, _) = world(Spec {
+        uat_paired_with: None,
+        ..Spec::default()
+    })
+    .await;
+    let run_id = a.inject(ENV).await;
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    let run = a.status_json(&["--run", &run_id]).await;
+    let error = stage(&run, "detect-mismatch")["error"].as_str().unwrap();
+    assert!(error.contains("allow_unverified_pairing"), "{error}");
+    assert_eq!(rows_left(&a), (40, 300, 25), "every row is still there");
+    a.conclude(
+        Scenario {
+            id: "23-pairing-unverifiable",
+            title: "Nobody can say which F&O the Dataverse is linked to",
+            injected: "`RetrieveFinanceAndOperationsIntegrationDetails` answers 404 and no Power Platform record names a linked F&O",
+            runs: vec![(run_id, RunStatus::Refused)],
+            rows_expected: 0,
+            kept_rows: 0,
+            also_secret: vec![],
+        },
+        "refused (fail closed) with the entry setting that would allow it named; no row touched",
+    )
+    .await;
+}

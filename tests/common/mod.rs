@@ -36,6 +36,10 @@ pub struct Spec {
     /// organisation of `extra_rows` runtime configurations and `extra_rows / 4` F&O keys.
     pub extra_envs: usize,
     pub extra_rows: usize,
+    /// The F&O environment the UAT organisation says it is linked to (default: ENV, right).
+    pub uat_paired_with: Option<&'static str>,
+    /// What the Power Platform API says about the UAT organisation's environment.
+    pub uat_platform: Option<relink_sim::PlatformSeed>,
 }
 
 impl Default for Spec {
@@ -52,6 +56,8 @@ impl Default for Spec {
             kind: "uat",
             extra_envs: 0,
             extra_rows: 20,
+            uat_paired_with: Some(ENV),
+            uat_platform: None,
         }
     }
 }
@@ -119,14 +125,16 @@ impl World {
                 friendly_name: None,
                 integrated_fno: None,
                 runtime_configs: spec.prod_rows,
+                platform: None,
             },
             OrgSeed {
                 name: "uat".into(),
                 unique_name: "orgcontosouat".into(),
                 organization_id: None,
                 friendly_name: None,
-                integrated_fno: Some(ENV.into()),
+                integrated_fno: spec.uat_paired_with.map(Into::into),
                 runtime_configs: spec.uat_rows,
+                platform: spec.uat_platform.clone(),
             },
         ];
         let mut fno_environments = vec![FnoSeed {
@@ -148,6 +156,7 @@ impl World {
                 friendly_name: None,
                 integrated_fno: Some(e.clone()),
                 runtime_configs: spec.extra_rows,
+                platform: None,
             });
             fno_environments.push(FnoSeed {
                 name: e.clone(),

@@ -336,8 +336,9 @@ async fn measure(sim: &Sim, mode: &str, rows: usize, dir: &Path) -> Result<Measu
             unique_name: "orgbench".into(),
             organization_id: None,
             friendly_name: None,
-            integrated_fno: None,
+            integrated_fno: Some("bench".into()),
             runtime_configs: rows,
+            platform: None,
         }],
         ..Seed::default()
     })

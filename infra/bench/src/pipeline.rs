@@ -301,6 +301,7 @@ pub(crate) fn seed(sim: &Sim, envs: &[String]) -> Result<()> {
         friendly_name: None,
         integrated_fno: None,
         runtime_configs: 0,
+        platform: None,
     }];
     let mut fno_environments = Vec::new();
     for env in envs {
@@ -312,6 +313,7 @@ pub(crate) fn seed(sim: &Sim, envs: &[String]) -> Result<()> {
             friendly_name: None,
             integrated_fno: Some(env.clone()),
             runtime_configs: ROWS,
+            platform: None,
         });
         fno_environments.push(FnoSeed {
             name: env.clone(),

@@ -208,6 +208,12 @@ impl Aws {
                 report.started.len(),
                 report.already_seen
             );
+            for (env, source, why) in &report.skipped {
+                eprintln!(
+                    "skipped: {env} ({source}): {}",
+                    crate::display::printable(why)
+                );
+            }
             for (env, source, e) in &report.errors {
                 eprintln!("error: {env} ({source}): {}", crate::display::printable(e));
             }

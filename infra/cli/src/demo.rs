@@ -9,7 +9,7 @@ use relink_core::model::RunStatus;
 use relink_core::ports::ProgressStore;
 use relink_core::registry::Registry;
 use relink_core::{Error, Result};
-use relink_sim::{AppSeed, Faults, FnoSeed, OrgSeed, Seed, Sim};
+use relink_sim::{AppSeed, Faults, FnoSeed, OrgSeed, PlatformSeed, Seed, Sim};
 
 use crate::display::{self, Display};
 use crate::embedded::{Embedded, RunRequest};
@@ -81,6 +81,7 @@ pub async fn run(keep: bool) -> Result<u8> {
                 friendly_name: Some("Contoso (production)".into()),
                 integrated_fno: None,
                 runtime_configs: 40,
+                platform: None,
             },
             OrgSeed {
                 name: "contoso-uat".into(),
@@ -89,6 +90,11 @@ pub async fn run(keep: bool) -> Result<u8> {
                 friendly_name: Some("Contoso UAT".into()),
                 integrated_fno: Some(DEMO_ENV.into()),
                 runtime_configs: 2_500,
+                platform: Some(PlatformSeed {
+                    environment_type: "Sandbox".into(),
+                    linked_fno: Some(DEMO_ENV.into()),
+                    admin_shape: false,
+                }),
             },
         ],
         fno_environments: vec![FnoSeed {
@@ -130,12 +136,14 @@ client_id = "{DEMO_CLIENT}"
 client_secret = {{ env = "{DEMO_SECRET_VAR}" }}
 authority = "{authority}"
 allow_insecure_http = true   # loopback simulators only
+power_platform_api = "{pp}"   # the guards read the environment's type and linked F&O here
 fno_purge_service = "/api/services/RelinkServices/RelinkPurgeService/purge"
 reset = {{ mode = "manual" }}
 "#,
         fno = sim.fno_url(DEMO_ENV),
         dv = sim.dataverse_url("contoso-uat"),
         authority = sim.authority(),
+        pp = sim.power_platform_api(),
     );
     let config = dir.join("relink.toml");
     let store = dir.join("relink.db");

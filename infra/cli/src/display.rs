@@ -218,6 +218,23 @@ pub fn run_text(run: &Run) -> String {
             out.push_str(&format!("  {:<24} error: {}\n", "", printable(e)));
         }
     }
+    // The guards every stage re-ran, as the latest stage that ran them recorded their evidence.
+    let guarded = run.stages.iter().rev().find_map(|s| {
+        let o = s.outcome.as_ref()?;
+        Some((
+            s.stage,
+            o.get("guards")
+                .or_else(|| o.get("findings")?.get("guards"))?,
+        ))
+    });
+    if let Some((stage, g)) = guarded {
+        out.push_str(&format!("  guards (as of {}):\n", stage.as_str()));
+        for key in ["identity", "production", "pairing"] {
+            if let Some(v) = g.get(key).and_then(Value::as_str) {
+                out.push_str(&format!("    {key:<11} {}\n", printable(v)));
+            }
+        }
+    }
     if let Some(i) = &run.instructions {
         out.push_str(&format!("\n{i}\n"));
     }

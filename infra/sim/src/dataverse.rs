@@ -146,7 +146,7 @@ pub(crate) fn dataverse(
                 "@odata.context": format!("{root}$metadata#Microsoft.Dynamics.CRM.RetrieveCurrentOrganizationResponse"),
                 "Detail": {
                     "OrganizationId": o.organization_id, "FriendlyName": o.friendly_name, "OrganizationVersion": "9.2.26101.00000",
-                    "EnvironmentId": uuid::Uuid::nil(), "DatacenterId": uuid::Uuid::nil(), "Geo": "NA", "TenantId": uuid::Uuid::nil(),
+                    "EnvironmentId": o.environment_id, "DatacenterId": uuid::Uuid::nil(), "Geo": "NA", "TenantId": uuid::Uuid::nil(),
                     "UrlName": org, "UniqueName": o.unique_name, "State": "Enabled", "OrganizationType": "Customer",
                     "Endpoints": {"Count": 1, "IsReadOnly": false, "Keys": ["WebApplication"], "Values": [format!("{base}/dataverse/{org}/")]}
                 }

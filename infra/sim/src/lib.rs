@@ -23,8 +23,8 @@ mod seed;
 mod state;
 
 pub use seed::{
-    AppSeed, Faults, FnoSeed, LcsHistorySeed, LogEntry, OrgSeed, PowerPlatformSeed, Protection,
-    Seed, Snapshot,
+    AppSeed, Faults, FnoSeed, LcsHistorySeed, LogEntry, OrgSeed, PlatformSeed, PowerPlatformSeed,
+    Protection, Seed, Snapshot,
 };
 
 use axum::Router;
@@ -200,7 +200,7 @@ async fn handle(
         },
         Target::PowerPlatform { rest } => match generic_faults(&shared).await {
             Some(r) => r,
-            None => power_platform(&shared, &method, &rest, &headers),
+            None => power_platform(&shared, &method, &rest, uri.query().unwrap_or(""), &headers),
         },
         Target::Dataverse { org, rest } => {
             service(

@@ -31,6 +31,26 @@ pub struct OrgSeed {
     /// Rows of `msdyn_dualwriteruntimeconfig` to create.
     #[serde(default)]
     pub runtime_configs: usize,
+    /// The Power Platform environment hosting the organisation, as the Power Platform API
+    /// describes it; without one the API answers 404 for its `EnvironmentId`.
+    #[serde(default)]
+    pub platform: Option<PlatformSeed>,
+}
+
+/// A Power Platform environment record (served at
+/// `{base}/powerplatform/environmentmanagement/environments/{EnvironmentId}`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlatformSeed {
+    /// `Production`, `Sandbox`, `Developer`, `Trial`, ...
+    pub environment_type: String,
+    /// Name of the simulated F&O environment the record says is linked, if any.
+    #[serde(default)]
+    pub linked_fno: Option<String>,
+    /// Serve the admin API's shape (`properties.environmentSku`, `properties.linkedAppMetadata`)
+    /// instead of the top-level `type` / `linkedFinOpsMetadata`.
+    #[serde(default)]
+    pub admin_shape: bool,
 }
 
 /// An F&O environment to create (replacing one of the same name).
@@ -68,7 +88,8 @@ pub struct LcsHistorySeed {
     pub entries: Vec<Value>,
 }
 
-/// Power Platform operations of one environment.
+/// Power Platform operations of one environment, in the documented shape (`operationId`, `name`,
+/// `status`, `startTime`, `endTime`), served two to a page with a `continuationToken`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PowerPlatformSeed {

@@ -17,6 +17,8 @@ pub(crate) struct Org {
     pub(crate) friendly_name: String,
     pub(crate) integrated_fno: Option<String>,
     pub(crate) rows: BTreeMap<uuid::Uuid, Value>,
+    pub(crate) environment_id: uuid::Uuid,
+    pub(crate) platform: Option<crate::seed::PlatformSeed>,
 }
 
 pub(crate) struct FnoEnv {
@@ -170,6 +172,8 @@ pub(crate) fn apply_seed(shared: &Shared, seed: &Seed) -> Result<(), String> {
                     .unwrap_or_else(|| o.unique_name.clone()),
                 integrated_fno: o.integrated_fno.clone(),
                 rows,
+                environment_id: uuid::Uuid::new_v4(),
+                platform: o.platform.clone(),
             },
         );
     }

@@ -23,19 +23,19 @@ use relink_core::ports::{ProgressStore, SecretStore, StageQueue, TokenSource};
 use relink_core::registry::{EnvConfig, LcsWatch, join};
 use relink_core::trigger::{Started, start_run};
 use relink_dynamics::token::{ClientSecret, EntraTokens};
-use relink_dynamics::{Http, Service, read_json};
+use relink_dynamics::{Http, POWER_PLATFORM, Service, read_json};
 
 const LCS: Service = Service {
     name: "LCS",
     auth_hint: "LCS accepts only delegated (user) tokens: refresh the token held in watch.lcs_token (e.g. with d365fo.tools Get-D365LcsApiToken) and check the user can see the project",
 };
-const POWER_PLATFORM: Service = Service {
-    name: "Power Platform",
-    auth_hint: "check that the app registration is registered as a Power Platform management application (New-PowerAppManagementApp) in this tenant",
-};
 /// LCS allows 6 calls per environment per 30 seconds.
 const LCS_CALLS: usize = 6;
 const LCS_WINDOW: Duration = Duration::from_secs(30);
+/// Pages of Power Platform operations read per environment and poll at most.
+const MAX_PP_PAGES: usize = 50;
+/// Longest continuation token taken as real.
+const MAX_CONTINUATION_TOKEN: usize = 4096;
 /// Pages read per environment and poll at most (LCS history is newest first).
 const MAX_LCS_PAGES: u32 = 20;
 
@@ -48,7 +48,14 @@ pub struct WatchReport {
     pub already_seen: usize,
     /// Sources that failed this time: environment, source, error. Their cursors did not move.
     pub errors: Vec<(String, String, String)>,
+    /// Entries the watcher could not use (no id, no completion time, not a notice it reads):
+    /// environment, source, why. They do not hold the source back.
+    #[serde(default)]
+    pub skipped: Vec<(String, String, String)>,
 }
+
+/// What a source listed: usable entries with their completion time, or why one is not usable.
+type Entries = Vec<std::result::Result<(Timestamp, Value), String>>;
 
 /// The watcher's clients and state, built once.
 pub struct Watcher {
@@ -147,7 +154,7 @@ impl Watcher {
         source: &str,
         lookback: Duration,
         report: &mut WatchReport,
-        entries: impl Future<Output = Result<Vec<(Timestamp, Value)>>>,
+        entries: impl Future<Output = Result<Entries>>,
     ) -> Result<()> {
         let key = format!("{}/{source}", env.id);
         let now = Timestamp::now();
@@ -158,13 +165,28 @@ impl Watcher {
             None => now - lookback,
         };
         let mut newest = cursor;
-        for (completed, entry) in entries.await? {
+        for entry in entries.await? {
+            let (completed, entry) = match entry {
+                Ok(e) => e,
+                Err(why) => {
+                    tracing::warn!(environment_id = %env.id, source, reason = %why, "entry skipped");
+                    report.skipped.push((env.id.clone(), source.into(), why));
+                    continue;
+                }
+            };
             if completed <= cursor {
                 continue;
             }
             newest = newest.max(completed);
-            let Ok(Parsed::Restore(notice)) = notify::parse(entry.to_string().as_bytes()) else {
-                continue;
+            let notice = match notify::parse(entry.to_string().as_bytes()) {
+                Ok(Parsed::Restore(notice)) => notice,
+                Ok(_) => continue,
+                Err(refusal) => {
+                    let why = format!("{refusal:?}");
+                    tracing::warn!(environment_id = %env.id, source, reason = %why, "entry skipped");
+                    report.skipped.push((env.id.clone(), source.into(), why));
+                    continue;
+                }
             };
             match start_run(
                 self.store.as_ref(),
@@ -216,7 +238,7 @@ impl Watcher {
     }
 
     /// Completed entries of LCS history (newest first), until the pages run out.
-    async fn lcs_entries(&self, lcs: &LcsWatch) -> Result<Vec<(Timestamp, Value)>> {
+    async fn lcs_entries(&self, lcs: &LcsWatch) -> Result<Entries> {
         let token = match &lcs.token {
             Some(token) => token.clone(),
             None => self.secrets.secret(&lcs.token_source).await.map_err(|e| {
@@ -265,8 +287,9 @@ impl Watcher {
                 .cloned()
                 .unwrap_or_default()
             {
+                // An entry without an end time has not finished: it is listed again later.
                 if let Some(t) = parse_time(entry.get("EndDateTimeUtc")) {
-                    out.push((t, entry));
+                    out.push(Ok((t, entry)));
                 }
             }
             if body.get("ResultHasMorePages") != Some(&Value::Bool(true)) {
@@ -276,12 +299,12 @@ impl Watcher {
         Ok(out)
     }
 
-    /// Power Platform operations of the environment (app token, client credentials).
-    async fn power_platform_ops(
-        &self,
-        env: &EnvConfig,
-        api: &url::Url,
-    ) -> Result<Vec<(Timestamp, Value)>> {
+    /// Power Platform operations of the environment (app token, client credentials), as
+    /// documented: `GET {api}/environmentmanagement/environments/{id}/operations?api-version=
+    /// 2024-10-01` answers `{"collection": [...], "continuationToken": ...}`; each operation has
+    /// `operationId`, `name`, `status`, `startTime`, `endTime`. Every page is read (bounded, and
+    /// a token seen twice is an error); each completed operation becomes a Power Platform notice.
+    async fn power_platform_ops(&self, env: &EnvConfig, api: &url::Url) -> Result<Entries> {
         let pp_env = env
             .power_platform_environment_id
             .as_deref()
@@ -311,45 +334,101 @@ impl Watcher {
             }
         };
         let scope = EnvConfig::scope_for(api);
-        let mut url = join(
+        let base = join(
             api,
             &format!("environmentmanagement/environments/{pp_env}/operations"),
         );
-        url.query_pairs_mut()
-            .append_pair("api-version", "2022-03-01-preview");
-        let build = |token: Option<&str>| {
-            self.http
-                .client()
-                .get(url.clone())
-                .bearer_auth(token.unwrap_or_default())
-        };
-        let resp = self
-            .http
-            .send(
-                POWER_PLATFORM,
-                Some((tokens.as_ref() as &dyn TokenSource, &scope)),
-                &build,
-            )
-            .await?;
-        let body: Value = read_json(POWER_PLATFORM, resp, "Power Platform operations").await?;
-        let ops = body
-            .get("value")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        Ok(ops
-            .into_iter()
-            .filter_map(|op| {
-                let done = parse_time(op.get("lastActionDateTime"))
-                    .or_else(|| parse_time(op.get("createdDateTime")))?;
-                let mut op = op;
-                if op.get("environmentId").is_none() {
-                    op["environmentId"] = Value::String(pp_env.to_string());
+        let mut out = Vec::new();
+        let mut tokens_seen = std::collections::HashSet::new();
+        let mut continuation: Option<String> = None;
+        for _ in 0..MAX_PP_PAGES {
+            let mut url = base.clone();
+            url.query_pairs_mut()
+                .append_pair("api-version", relink_dynamics::POWER_PLATFORM_API_VERSION);
+            if let Some(t) = &continuation {
+                url.query_pairs_mut().append_pair("continuationToken", t);
+            }
+            let build = |token: Option<&str>| {
+                self.http
+                    .client()
+                    .get(url.clone())
+                    .header("Accept", "application/json")
+                    .bearer_auth(token.unwrap_or_default())
+            };
+            let resp = self
+                .http
+                .send(
+                    POWER_PLATFORM,
+                    Some((tokens.as_ref() as &dyn TokenSource, &scope)),
+                    &build,
+                )
+                .await?;
+            let body: Value = read_json(POWER_PLATFORM, resp, "Power Platform operations").await?;
+            let Some(ops) = body.get("collection").and_then(Value::as_array) else {
+                return Err(Error::Protocol {
+                    service: POWER_PLATFORM.name,
+                    detail: "the operations answer has no `collection` array".into(),
+                });
+            };
+            out.extend(ops.iter().filter_map(|op| power_platform_entry(op, pp_env)));
+            continuation = match body.get("continuationToken") {
+                Some(Value::String(t)) if !t.is_empty() => Some(t.clone()),
+                None | Some(Value::Null) => None,
+                Some(Value::String(_)) => None,
+                Some(_) => {
+                    return Err(Error::Protocol {
+                        service: POWER_PLATFORM.name,
+                        detail: "`continuationToken` is not a string".into(),
+                    });
                 }
-                Some((done, op))
-            })
-            .collect())
+            };
+            match &continuation {
+                None => return Ok(out),
+                Some(t) if t.len() > MAX_CONTINUATION_TOKEN || !tokens_seen.insert(t.clone()) => {
+                    return Err(Error::Protocol {
+                        service: POWER_PLATFORM.name,
+                        detail: "the operations list repeats a continuation token (or sends one too long to be real): paging stopped".into(),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        Err(Error::Protocol {
+            service: POWER_PLATFORM.name,
+            detail: format!(
+                "the operations list goes on for more than {MAX_PP_PAGES} pages: paging stopped"
+            ),
+        })
     }
+}
+
+/// One documented Power Platform operation as a notice the parser reads, `None` while it has
+/// not finished (it is listed again when it has), or why it cannot be used.
+fn power_platform_entry(
+    op: &Value,
+    pp_env: &str,
+) -> Option<std::result::Result<(Timestamp, Value), String>> {
+    let text = |k: &str| op.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
+    let id = text("operationId");
+    let status = text("status");
+    let Some(end) = parse_time(op.get("endTime")) else {
+        return match (id, status) {
+            (Some(id), Some("Succeeded")) => Some(Err(format!(
+                "operation {} succeeded without a readable endTime",
+                relink_core::redact::printable(id)
+            ))),
+            _ => None,
+        };
+    };
+    let (Some(id), Some(name), Some(status)) = (id, text("name"), status) else {
+        return Some(Err(
+            "an operation without operationId, name or status".into()
+        ));
+    };
+    Some(Ok((
+        end,
+        serde_json::json!({"id": id, "operationType": name, "status": status, "environmentId": pp_env}),
+    )))
 }
 
 /// The whole `main` of the watch-restores function (EventBridge schedule).

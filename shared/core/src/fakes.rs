@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::error::Result;
 use crate::ports::{
     BatchOutcome, Connector, DataverseApi, EntitySet, FnoApi, FnoIntegration, Organization, Page,
-    ServiceTable,
+    PlatformEnvironment, ServiceTable,
 };
 use crate::registry::{EnvConfig, Registry};
 
@@ -18,7 +18,10 @@ pub const DV: &str = "https://uat.crm.dynamics.com";
 
 pub struct FakeDataverse {
     pub unique_name: &'static str,
+    /// What `RetrieveFinanceAndOperationsIntegrationDetails` names (default: the env's F&O).
     pub integrated: Option<&'static str>,
+    /// What the Power Platform API says about the hosting environment (default: nothing).
+    pub platform: Option<PlatformEnvironment>,
     pub rows: Mutex<BTreeMap<String, Value>>,
     /// Ids whose delete always fails.
     pub stuck: Vec<String>,
@@ -36,6 +39,7 @@ impl DataverseApi for FakeDataverse {
             unique_name: self.unique_name.into(),
             friendly_name: String::new(),
             url_name: String::new(),
+            environment_id: "00000000-0000-0000-0000-0000000000e1".into(),
         })
     }
     async fn fno_integration(&self) -> Result<Option<FnoIntegration>> {
@@ -43,6 +47,9 @@ impl DataverseApi for FakeDataverse {
             url: u.into(),
             tenant_id: None,
         }))
+    }
+    async fn platform_environment(&self, _: &str) -> Result<Option<PlatformEnvironment>> {
+        Ok(self.platform.clone())
     }
     async fn runtime_config_set(&self) -> Result<Option<EntitySet>> {
         Ok(Some(EntitySet {
@@ -152,7 +159,8 @@ pub fn dataverse(rows: usize) -> FakeDataverse {
         .collect();
     FakeDataverse {
         unique_name: "orguat",
-        integrated: None,
+        integrated: Some("https://uat.operations.dynamics.com"),
+        platform: None,
         rows: Mutex::new(rows),
         stuck: vec![],
         ghosts: vec![],

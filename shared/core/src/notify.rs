@@ -210,6 +210,7 @@ pub fn parse(body: &[u8]) -> Result<Parsed, Refusal> {
         lcs_history(&obj)
     } else if (obj.contains_key("operationType") || obj.contains_key("type"))
         && obj.contains_key("id")
+        || obj.contains_key("operationId") && obj.contains_key("name")
     {
         power_platform(&obj)
     } else {
@@ -333,9 +334,18 @@ fn lcs_history(obj: &Map<String, Value>) -> Result<Parsed, Refusal> {
 }
 
 fn power_platform(obj: &Map<String, Value>) -> Result<Parsed, Refusal> {
-    let kind = required(obj, &["operationType", "type"], "Power Platform operation")?;
+    // Both the documented operation (`operationId`, `name`) and the older notice shape (`id`,
+    // `operationType`) are read.
+    let kind = required(
+        obj,
+        &["operationType", "type", "name"],
+        "Power Platform operation",
+    )?;
     let status = required(obj, &["status", "state"], "Power Platform operation")?;
-    let operation_id = check_id(required(obj, &["id"], "Power Platform operation")?, "id")?;
+    let operation_id = check_id(
+        required(obj, &["id", "operationId"], "Power Platform operation")?,
+        "id",
+    )?;
     let env = check_id(
         required(
             obj,
@@ -468,6 +478,7 @@ mod tests {
             r#"{"OperationStatus":"Completed","OperationActivityId":"a1","EnvironmentId":"e1","IsSuccess":false,"ErrorMessage":"boom"}"#,
             r#"{"Type":"ApplyPackage","Status":"Completed","ActivityId":"a","EnvironmentId":"e"}"#,
             r#"{"id":"p","operationType":"Backup","status":"Succeeded","environmentId":"pp"}"#,
+            r#"{"operationId":"p2","name":"Backup","status":"Succeeded","environmentId":"pp"}"#,
         ] {
             match parse(b.as_bytes()).unwrap() {
                 Parsed::Ignored(reason) => assert!(!reason.is_empty()),

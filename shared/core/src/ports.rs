@@ -135,6 +135,19 @@ pub struct Organization {
     pub unique_name: String,
     pub friendly_name: String,
     pub url_name: String,
+    /// The Power Platform environment hosting this organisation (`Detail.EnvironmentId`), empty
+    /// when the answer did not carry one.
+    #[serde(default)]
+    pub environment_id: String,
+}
+
+/// What the Power Platform API says about the environment hosting a Dataverse organisation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlatformEnvironment {
+    /// The environment type (`Production`, `Sandbox`, `Developer`, `Trial`, ...), when given.
+    pub environment_type: Option<String>,
+    /// The F&O environment linked to it, when the answer names one.
+    pub linked_fno_url: Option<String>,
 }
 
 /// Dataverse's record of its F&O link (`RetrieveFinanceAndOperationsIntegrationDetails`).
@@ -174,8 +187,20 @@ pub struct BatchOutcome {
 pub trait DataverseApi: Send + Sync {
     /// The organisation behind the URL.
     async fn current_organization(&self) -> Result<Organization>;
-    /// The F&O environment this Dataverse is integrated with, if the API is available.
+    /// The F&O environment this Dataverse is integrated with; `None` when the organisation does
+    /// not expose the function or names no environment (400/404/empty `Url`).
     async fn fno_integration(&self) -> Result<Option<FnoIntegration>>;
+    /// The Power Platform API's record of the environment `environment_id` (the organisation's
+    /// `EnvironmentId`), read with the same app registration. `None` when no Power Platform API
+    /// is configured for the entry or the app may not read it (401/403/404); transient failures
+    /// are errors, so a guard never proceeds on a throttled answer.
+    async fn platform_environment(
+        &self,
+        environment_id: &str,
+    ) -> Result<Option<PlatformEnvironment>> {
+        let _ = environment_id;
+        Ok(None)
+    }
     /// Resolves the runtime-config table's entity set; `None` when the table does not exist.
     async fn runtime_config_set(&self) -> Result<Option<EntitySet>>;
     /// The first page of runtime-config rows (`$select` of the archived columns).

@@ -12,7 +12,8 @@ use super::{Http, Service, odata_error_message, read_body, read_json};
 use relink_core::error::{Error, Result};
 use relink_core::pacing::Pacer;
 use relink_core::ports::{
-    BatchOutcome, DataverseApi, EntitySet, FnoIntegration, Organization, Page, TokenSource,
+    BatchOutcome, DataverseApi, EntitySet, FnoIntegration, Organization, Page, PlatformEnvironment,
+    TokenSource,
 };
 use relink_core::registry::EnvConfig;
 
@@ -20,6 +21,15 @@ const DATAVERSE: Service = Service {
     name: "Dataverse",
     auth_hint: "check that the app registration is an application user in this Dataverse environment with the System Administrator role; after a copy or restore the environment is in administration mode, where only administrators may connect",
 };
+
+/// The Power Platform API (environment records and operations).
+pub const POWER_PLATFORM: Service = Service {
+    name: "Power Platform",
+    auth_hint: "check that the app registration is registered as a Power Platform management application (New-PowerAppManagementApp) in this tenant",
+};
+
+/// The Power Platform API version relink speaks.
+pub const POWER_PLATFORM_API_VERSION: &str = "2024-10-01";
 
 /// Logical name of the table "Dual Write Runtime Configurations".
 pub const RUNTIME_CONFIG_TABLE: &str = "msdyn_dualwriteruntimeconfig";
@@ -31,6 +41,8 @@ pub struct DataverseClient {
     api: Url,
     scope: String,
     pacer: Pacer,
+    /// The Power Platform API the guards read the hosting environment from, if configured.
+    platform_api: Option<Url>,
 }
 
 impl DataverseClient {
@@ -42,6 +54,7 @@ impl DataverseClient {
             api: env.dataverse_api(),
             scope: EnvConfig::scope_for(&env.dataverse_url),
             pacer: Pacer::default(),
+            platform_api: env.power_platform_api.clone(),
         }
     }
 
@@ -82,6 +95,32 @@ impl DataverseClient {
             .and_then(Value::as_str)
             .map(str::to_string);
         Ok(Page { rows, next_link })
+    }
+}
+
+/// Reads an environment record in either shape the Power Platform API has used: the
+/// `environmentmanagement` one (`type`, `linkedFinOpsMetadata`/`linkedAppMetadata` at the top)
+/// or the admin one (`properties.environmentSku`, `properties.linkedAppMetadata`).
+fn platform_environment(v: &Value) -> PlatformEnvironment {
+    let props = v.get("properties").unwrap_or(&Value::Null);
+    let text = |x: Option<&Value>| {
+        x.and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(|s| relink_core::redact::printable(&s.chars().take(200).collect::<String>()))
+    };
+    let environment_type = text(v.get("type"))
+        // `type` at the top of the admin shape is the resource type, not the environment's.
+        .filter(|t| !t.contains('/'))
+        .or_else(|| text(props.get("environmentSku")));
+    let linked = ["linkedFinOpsMetadata", "linkedAppMetadata"]
+        .iter()
+        .find_map(|k| {
+            text(v.get(k).and_then(|m| m.get("url")))
+                .or_else(|| text(props.get(k).and_then(|m| m.get("url"))))
+        });
+    PlatformEnvironment {
+        environment_type,
+        linked_fno_url: linked,
     }
 }
 
@@ -129,6 +168,7 @@ impl DataverseApi for DataverseClient {
             unique_name: field("UniqueName"),
             friendly_name: field("FriendlyName"),
             url_name: field("UrlName"),
+            environment_id: field("EnvironmentId"),
         };
         if org.unique_name.is_empty() {
             return Err(protocol(
@@ -155,10 +195,59 @@ impl DataverseApi for DataverseClient {
                         .and_then(Value::as_str)
                         .map(str::to_string),
                 })),
-            // Not every organisation exposes the function; the check is optional.
+            // Not every organisation exposes the function, and one without a link answers an
+            // error: the guard then looks for other evidence (or refuses).
             Ok(None) | Err(Error::Http { status: 400, .. }) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    async fn platform_environment(
+        &self,
+        environment_id: &str,
+    ) -> Result<Option<PlatformEnvironment>> {
+        let Some(api) = &self.platform_api else {
+            return Ok(None);
+        };
+        if environment_id.is_empty()
+            || !environment_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(protocol(
+                "RetrieveCurrentOrganization named an EnvironmentId that is not an id",
+            ));
+        }
+        let mut url = relink_core::registry::join(
+            api,
+            &format!("environmentmanagement/environments/{environment_id}"),
+        );
+        url.query_pairs_mut()
+            .append_pair("api-version", POWER_PLATFORM_API_VERSION);
+        let scope = EnvConfig::scope_for(api);
+        let build = |token: Option<&str>| {
+            self.http
+                .client()
+                .get(url.clone())
+                .header("Accept", "application/json")
+                .bearer_auth(token.unwrap_or_default())
+        };
+        let resp = match self
+            .http
+            .send(POWER_PLATFORM, Some((self.tokens.as_ref(), &scope)), &build)
+            .await
+        {
+            Ok(r) => r,
+            // The app may not be a Power Platform management app: the guard says it had no
+            // platform evidence and falls back on the registry (and refuses an unknown pairing).
+            Err(Error::Auth { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if resp.status().as_u16() == 404 {
+            return Ok(None);
+        }
+        let v = read_json(POWER_PLATFORM, resp, "Power Platform environment").await?;
+        Ok(Some(platform_environment(&v)))
     }
 
     async fn runtime_config_set(&self) -> Result<Option<EntitySet>> {

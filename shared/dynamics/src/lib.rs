@@ -9,6 +9,7 @@ pub mod fno;
 pub mod token;
 
 pub use connector::HttpConnector;
+pub use dataverse::{POWER_PLATFORM, POWER_PLATFORM_API_VERSION};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -202,7 +203,8 @@ impl Http {
                             self.close_gate(&gate_key, ra);
                             (ra, Some(429), detail)
                         }
-                        500 | 502 | 503 | 504 => {
+                        // 408 Request Timeout and 425 Too Early say "try again" too.
+                        408 | 425 | 500 | 502 | 503 | 504 => {
                             let wait = retry_after.unwrap_or_else(|| self.policy.backoff(attempt));
                             (
                                 wait.min(self.policy.max_retry_after),

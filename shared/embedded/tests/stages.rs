@@ -15,7 +15,16 @@ async fn with_ctx<T>(
     options: RunOptions,
     f: impl AsyncFnOnce(&StageCtx<'_>) -> T,
 ) -> T {
-    let env = env();
+    with_env(env(), dv, fno, options, f).await
+}
+
+async fn with_env<T>(
+    env: relink_core::registry::EnvConfig,
+    dv: &FakeDataverse,
+    fno: &FakeFno,
+    options: RunOptions,
+    f: impl AsyncFnOnce(&StageCtx<'_>) -> T,
+) -> T {
     let store = SqliteStore::in_memory().unwrap();
     let run = Run::new(
         "01JDQ4N9Z3W8B7C6X5V4T3S2R1".into(),
@@ -101,7 +110,111 @@ async fn identity_and_integration_mismatches_are_refused() {
         detect(c).await.unwrap_err()
     })
     .await;
-    assert!(e.to_string().contains("integrated with F&O"), "{e}");
+    assert!(e.to_string().contains("is linked to F&O"), "{e}");
+}
+
+/// Every stage that deletes checks the pairing itself: starting a run at `purge-keys` or
+/// `clear-dataverse-configs` must not skip what `detect-mismatch` would have refused.
+#[tokio::test]
+async fn destructive_stages_refuse_a_dataverse_paired_with_another_fno() {
+    let f = fno(&["https://prod.crm.dynamics.com"]);
+    for stage in ["purge", "clear"] {
+        let mut dv = dataverse(5);
+        dv.integrated = Some("https://other.operations.dynamics.com");
+        let e = with_ctx(&dv, &f, RunOptions::default(), async |c| match stage {
+            "purge" => purge_keys(c).await.unwrap_err(),
+            _ => clear_configs(c).await.unwrap_err(),
+        })
+        .await;
+        assert!(matches!(e, Error::Refused(_)), "{stage}: {e}");
+        assert!(e.to_string().contains("other.operations"), "{e}");
+        assert_eq!(dv.rows.lock().unwrap().len(), 5, "{stage}: nothing deleted");
+    }
+    assert_eq!(f.rows.lock().unwrap().len(), 1, "no F&O row deleted");
+}
+
+#[tokio::test]
+async fn an_unverifiable_pairing_is_refused_unless_the_entry_allows_it() {
+    let f = fno(&[]);
+    let mut dv = dataverse(3);
+    dv.integrated = None;
+    let e = with_ctx(&dv, &f, RunOptions::default(), async |c| {
+        clear_configs(c).await.unwrap_err()
+    })
+    .await;
+    assert!(matches!(e, Error::Refused(_)), "{e}");
+    assert!(e.to_string().contains("allow_unverified_pairing"), "{e}");
+    assert_eq!(dv.rows.lock().unwrap().len(), 3);
+    // The Power Platform API's linked F&O is evidence too.
+    dv.platform = Some(relink_core::ports::PlatformEnvironment {
+        environment_type: Some("Sandbox".into()),
+        linked_fno_url: Some("https://UAT.operations.dynamics.com/".into()),
+    });
+    let r = with_ctx(&dv, &f, RunOptions::default(), async |c| {
+        clear_configs(c).await.unwrap()
+    })
+    .await;
+    let guards = &r.outcome["guards"];
+    assert!(
+        guards["pairing"]
+            .as_str()
+            .unwrap()
+            .contains("Power Platform"),
+        "{guards}"
+    );
+    assert!(
+        guards["production"].as_str().unwrap().contains("Sandbox"),
+        "{guards}"
+    );
+    // Neither source, but the entry accepts the risk: the evidence says so.
+    let mut dv = dataverse(2);
+    dv.integrated = None;
+    let mut e = env();
+    e.allow_unverified_pairing = true;
+    let r = with_env(e, &dv, &f, RunOptions::default(), async |c| {
+        clear_configs(c).await.unwrap()
+    })
+    .await;
+    assert!(
+        r.outcome["guards"]["pairing"]
+            .as_str()
+            .unwrap()
+            .starts_with("unverified")
+    );
+    assert!(dv.rows.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_platform_type_production_is_refused_whatever_the_registry_kind() {
+    let f = fno(&[]);
+    let mut dv = dataverse(3);
+    dv.platform = Some(relink_core::ports::PlatformEnvironment {
+        environment_type: Some("Production".into()),
+        linked_fno_url: None,
+    });
+    for stage in ["detect", "purge", "clear"] {
+        let e = with_ctx(&dv, &f, RunOptions::default(), async |c| match stage {
+            "detect" => detect(c).await.unwrap_err(),
+            "purge" => purge_keys(c).await.unwrap_err(),
+            _ => clear_configs(c).await.unwrap_err(),
+        })
+        .await;
+        assert!(matches!(e, Error::Refused(_)), "{stage}: {e}");
+        assert!(e.to_string().contains("type Production"), "{e}");
+    }
+    assert_eq!(dv.rows.lock().unwrap().len(), 3);
+    let mut e = env();
+    e.allow_production = true;
+    let r = with_env(e, &dv, &f, RunOptions::default(), async |c| {
+        clear_configs(c).await.unwrap()
+    })
+    .await;
+    assert!(
+        r.outcome["guards"]["production"]
+            .as_str()
+            .unwrap()
+            .contains("allow_production")
+    );
 }
 
 #[tokio::test]

@@ -54,6 +54,18 @@ pub enum EnvKind {
     Production,
 }
 
+impl EnvKind {
+    /// The registry's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnvKind::Sandbox => "sandbox",
+            EnvKind::Uat => "uat",
+            EnvKind::Dev => "dev",
+            EnvKind::Production => "production",
+        }
+    }
+}
+
 /// Where a client secret comes from.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
@@ -99,6 +111,10 @@ struct RawEnv {
     allow_insecure_http: bool,
     #[serde(default)]
     allow_production: bool,
+    #[serde(default)]
+    allow_unverified_pairing: bool,
+    #[serde(default)]
+    power_platform_api: Option<String>,
     #[serde(default = "default_reset")]
     reset: ResetMode,
     #[serde(default)]
@@ -209,6 +225,12 @@ pub struct EnvConfig {
     pub client_secret: Option<Secret>,
     pub authority: Url,
     pub allow_production: bool,
+    /// Lets the destructive stages proceed when neither Dataverse nor the Power Platform API can
+    /// say which F&O environment the Dataverse is linked to (refused otherwise).
+    pub allow_unverified_pairing: bool,
+    /// The Power Platform API the guards ask for the environment's type and linked F&O: set in
+    /// the entry, or `https://api.powerplatform.com` when the authority is the public cloud's.
+    pub power_platform_api: Option<Url>,
     pub reset: ResetMode,
     /// Path (under the F&O URL) of a customer-deployed purge service, if any.
     pub fno_purge_service: Option<String>,
@@ -421,6 +443,18 @@ fn validate(id: &str, raw: RawEnv, lookup: &impl Fn(&str) -> Option<String>) -> 
         )));
     }
     check_limits(&raw.limits)?;
+    let power_platform_api = match &raw.power_platform_api {
+        Some(api) => Some(credential_endpoint(
+            "power_platform_api",
+            api,
+            insecure,
+            Receiver::PowerPlatform,
+        )?),
+        None if authority.host_str() == Some("login.microsoftonline.com") => {
+            Some(Url::parse(DEFAULT_POWER_PLATFORM_API).expect("valid constant"))
+        }
+        None => None,
+    };
     let watch = raw
         .watch
         .map(|w| {
@@ -428,6 +462,7 @@ fn validate(id: &str, raw: RawEnv, lookup: &impl Fn(&str) -> Option<String>) -> 
                 w,
                 &raw.lcs_environment_id,
                 &raw.power_platform_environment_id,
+                power_platform_api.as_ref(),
                 insecure,
                 lookup,
             )
@@ -446,6 +481,8 @@ fn validate(id: &str, raw: RawEnv, lookup: &impl Fn(&str) -> Option<String>) -> 
         client_secret,
         authority,
         allow_production: raw.allow_production,
+        allow_unverified_pairing: raw.allow_unverified_pairing,
+        power_platform_api,
         reset: raw.reset,
         fno_purge_service: raw.fno_purge_service,
         limits: raw.limits,
@@ -459,6 +496,7 @@ fn watch_config(
     w: RawWatch,
     lcs_env: &Option<String>,
     pp_env: &Option<String>,
+    entry_api: Option<&Url>,
     insecure: bool,
     lookup: &impl Fn(&str) -> Option<String>,
 ) -> Result<WatchConfig> {
@@ -503,14 +541,21 @@ fn watch_config(
                     .into(),
             ));
         }
-        Some(credential_endpoint(
-            "watch.power_platform_api",
-            w.power_platform_api
-                .as_deref()
-                .unwrap_or(DEFAULT_POWER_PLATFORM_API),
-            insecure,
-            Receiver::PowerPlatform,
-        )?)
+        match (w.power_platform_api.as_deref(), entry_api) {
+            (Some(api), _) => Some(credential_endpoint(
+                "watch.power_platform_api",
+                api,
+                insecure,
+                Receiver::PowerPlatform,
+            )?),
+            (None, Some(api)) => Some(api.clone()),
+            (None, None) => Some(credential_endpoint(
+                "watch.power_platform_api",
+                DEFAULT_POWER_PLATFORM_API,
+                insecure,
+                Receiver::PowerPlatform,
+            )?),
+        }
     } else {
         None
     };

@@ -6,7 +6,7 @@ use serde_json::json;
 
 use super::detect::count_dataverse;
 use super::engine::{Purgeable, Tally, purge_pages};
-use super::guards::guard_identity;
+use super::guards::guard_target;
 use super::{DATAVERSE_TABLE, StageCtx, StageReport, Then};
 use crate::error::Result;
 use crate::model::StageStatus;
@@ -49,13 +49,13 @@ impl Purgeable for DataverseRows<'_> {
 
 /// Stage `clear-dataverse-configs`: every `msdyn_dualwriteruntimeconfig` row, archived first.
 pub async fn clear_configs(ctx: &StageCtx<'_>) -> Result<StageReport> {
-    guard_identity(ctx.env, ctx.dataverse).await?;
+    let (_, guards) = guard_target(ctx.env, ctx.dataverse).await?;
     let dry = ctx.run.options.dry_run;
     let limits = ctx.env.limits;
     let Some(set) = ctx.dataverse.runtime_config_set().await? else {
         return Ok(StageReport {
             status: StageStatus::Succeeded,
-            outcome: json!({"table_missing": true, "deleted": 0}),
+            outcome: json!({"table_missing": true, "deleted": 0, "guards": guards}),
             then: Then::Continue,
             summary: format!(
                 "{DATAVERSE_TABLE} does not exist in this organisation: nothing to clear"
@@ -87,9 +87,11 @@ pub async fn clear_configs(ctx: &StageCtx<'_>) -> Result<StageReport> {
         tally.found,
         if dry { "would be deleted" } else { "deleted" }
     );
+    let mut outcome = tally.outcome(dry);
+    outcome["guards"] = json!(guards);
     Ok(StageReport {
         status: StageStatus::Succeeded,
-        outcome: tally.outcome(dry),
+        outcome,
         then: Then::Continue,
         summary,
         error: None,

@@ -5,9 +5,9 @@
 use serde_json::Value;
 
 use super::engine::PageGuard;
-use super::guards::{guard_identity, norm_url};
+use super::guards::{guard_target, norm_url};
 use super::{DATAVERSE_TABLE, FNO_TABLE, Findings, StageCtx, StageReport, Then};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::{RunStatus, StageStatus};
 use crate::ports::{DataverseApi, FnoApi};
 use crate::progress::{Progress, ProgressSink};
@@ -23,25 +23,7 @@ pub async fn inspect(
     fno: &dyn FnoApi,
     sink: &dyn ProgressSink,
 ) -> Result<Findings> {
-    let organization = guard_identity(env, dv).await?;
-    let integration = dv.fno_integration().await?;
-    if let Some(i) = &integration {
-        let integrated = url::Url::parse(&i.url)
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_ascii_lowercase));
-        if integrated.as_deref()
-            != env
-                .fno_url
-                .host_str()
-                .map(str::to_ascii_lowercase)
-                .as_deref()
-        {
-            return Err(Error::Refused(format!(
-                "Dataverse {} reports it is integrated with F&O {}, not {}; fix the Power Platform integration in LCS before relinking",
-                organization.unique_name, i.url, env.fno_url
-            )));
-        }
-    }
+    let (organization, guards) = guard_target(env, dv).await?;
     let here = norm_url(env.dataverse_url.as_str());
     let (mut total, mut elsewhere, mut pointing_here) = (0, 0, 0);
     let mut others: Vec<String> = Vec::new();
@@ -105,7 +87,7 @@ pub async fn inspect(
     };
     Ok(Findings {
         organization,
-        fno_integration_url: integration.map(|i| i.url),
+        guards,
         fno_project_configs: total,
         fno_pointing_elsewhere: elsewhere,
         fno_pointing_here: pointing_here,

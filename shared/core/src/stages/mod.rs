@@ -1,10 +1,10 @@
 //! The four stages and verification, one module each, with the guards and the purge engine they
-//! share. They depend only on the ports; every destructive stage re-confirms the Dataverse
-//! organisation's identity first, archives each page before deleting it, and accepts empty
+//! share. They depend only on the ports; every stage that reads or deletes re-runs all the
+//! guards first (identity, production by registry and platform, F&O pairing), archives each page before deleting it, and accepts empty
 //! tables. Deleting re-reads the first page after each pass, so a stage interrupted half-way
 //! resumes with exactly the rows still present: nothing is deleted twice.
 //!
-//! - `guards`: production and organisation identity;
+//! - `guards`: production (registry and platform), organisation identity, F&O pairing;
 //! - `detect`: `detect-mismatch` (read-only inventory and decision);
 //! - `purge`: `purge-keys` (the F&O key tables);
 //! - `clear`: `clear-dataverse-configs` (Dual Write Runtime Configurations);
@@ -20,7 +20,7 @@ mod reset;
 
 pub use clear::clear_configs;
 pub use detect::{detect, inspect};
-pub use guards::{guard_identity, guard_production};
+pub use guards::{GuardEvidence, guard_identity, guard_production, guard_target};
 pub use purge::purge_keys;
 pub use reset::{ManualReset, manual_instructions, reset_link, verify};
 
@@ -75,8 +75,8 @@ pub struct StageReport {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Findings {
     pub organization: Organization,
-    /// The F&O URL Dataverse says it is integrated with, when it says.
-    pub fno_integration_url: Option<String>,
+    /// The guards that ran and their evidence (identity, platform type, F&O pairing).
+    pub guards: GuardEvidence,
     pub fno_project_configs: usize,
     pub fno_pointing_elsewhere: usize,
     pub fno_pointing_here: usize,

@@ -4,8 +4,8 @@
 
 use serde_json::{Value, json};
 
-use super::engine::{Purgeable, Tally, purge_pages};
-use super::guards::guard_identity;
+use super::engine::{PageGuard, Purgeable, Tally, purge_pages};
+use super::guards::guard_target;
 use super::{FNO_TABLE, StageCtx, StageReport, Then};
 use crate::error::Result;
 use crate::model::StageStatus;
@@ -64,14 +64,17 @@ impl Purgeable for ServiceRows<'_> {
 
 /// Stage `purge-keys`: F&O key tables (OData, then the optional purge service). Archives first.
 pub async fn purge_keys(ctx: &StageCtx<'_>) -> Result<StageReport> {
-    guard_identity(ctx.env, ctx.dataverse).await?;
+    let (_, guards) = guard_target(ctx.env, ctx.dataverse).await?;
     let dry = ctx.run.options.dry_run;
     let limits = ctx.env.limits;
     let mut outcome = serde_json::Map::new();
+    outcome.insert("guards".into(), json!(guards));
     let configs = if dry {
         let mut page = ctx.fno.project_configs(None, limits.fno_page_size).await?;
         let mut found = page.rows.len();
+        let mut pages = PageGuard::new(FNO_TABLE);
         while let Some(link) = page.next_link.take() {
+            pages.follow(&link)?;
             page = ctx
                 .fno
                 .project_configs(Some(&link), limits.fno_page_size)
