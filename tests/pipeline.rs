@@ -405,3 +405,60 @@ async fn from_stage_reruns_one_stage_with_its_guards() {
         "skipped stages touched nothing"
     );
 }
+
+/// F&O as it can really be: a per-company key (each project in two companies under one name),
+/// `$skip` next links, empty pages that carry a next link. Every shape is purged completely,
+/// each row archived once under its whole key, none deleted twice.
+#[tokio::test]
+async fn every_fno_shape_is_purged_by_its_whole_key() {
+    for shape in [
+        (false, false, false),
+        (true, false, false),
+        (false, true, true),
+        (true, true, true),
+    ] {
+        let w = World::new(Spec {
+            uat_rows: 20,
+            project_configs: 23,
+            fno_shape: shape,
+            registry_extra: "limits = { fno_page_size = 5, fno_batch_size = 4 }\n".into(),
+            ..Spec::default()
+        })
+        .await;
+        let out = w.relink(&["run", ENV, "--json"]).await;
+        assert_eq!(out.code, 3, "{shape:?}: {out:?}");
+        let run = out.json();
+        assert_eq!(
+            stage(&run, "detect-mismatch")["outcome"]["fno_project_configs"],
+            23,
+            "{shape:?}: every page read"
+        );
+        assert_eq!(
+            stage(&run, "purge-keys")["outcome"]["DualWriteProjectConfiguration"]["deleted"],
+            23,
+            "{shape:?}: {run}"
+        );
+        let snap = w.sim.snapshot();
+        assert_eq!(snap.project_configs[ENV], 0, "{shape:?}");
+        assert!(snap.deleted_twice.is_empty(), "{shape:?}");
+        let archive = w.archived(run["run_id"].as_str().unwrap()).await;
+        let fno: Vec<_> = archive
+            .iter()
+            .filter(|r| r.table == "DualWriteProjectConfiguration")
+            .collect();
+        assert_eq!(fno.len(), 23, "{shape:?}");
+        if shape.0 {
+            assert!(
+                fno.iter().all(|r| r.key.starts_with("dataAreaId='")),
+                "{shape:?}: archived under the whole key: {:?}",
+                fno[0].key
+            );
+        }
+        // Only the selected columns are archived, whatever else the entity has.
+        assert!(
+            fno.iter()
+                .all(|r| r.row.get("ServiceBusConnectionString").is_none()),
+            "{shape:?}"
+        );
+    }
+}

@@ -40,6 +40,8 @@ pub struct Spec {
     pub uat_paired_with: Option<&'static str>,
     /// What the Power Platform API says about the UAT organisation's environment.
     pub uat_platform: Option<relink_sim::PlatformSeed>,
+    /// ENV's F&O shape: per-company key, `$skip` paging, empty pages with next links.
+    pub fno_shape: (bool, bool, bool),
 }
 
 impl Default for Spec {
@@ -58,6 +60,7 @@ impl Default for Spec {
             extra_rows: 20,
             uat_paired_with: Some(ENV),
             uat_platform: None,
+            fno_shape: (false, false, false),
         }
     }
 }
@@ -146,6 +149,9 @@ impl World {
             business_events: spec.business_events,
             purge_service_path: spec.purge_service.then(|| PURGE_PATH.into()),
             reset_project_configs: None,
+            per_company_key: spec.fno_shape.0,
+            skip_paging: spec.fno_shape.1,
+            empty_pages: spec.fno_shape.2,
         }];
         for e in &extra {
             let org = e.replace('-', "");
@@ -167,6 +173,9 @@ impl World {
                 business_events: 0,
                 purge_service_path: None,
                 reset_project_configs: None,
+                per_company_key: false,
+                skip_paging: false,
+                empty_pages: false,
             });
         }
         sim.seed(&Seed {

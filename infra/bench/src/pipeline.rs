@@ -324,6 +324,9 @@ pub(crate) fn seed(sim: &Sim, envs: &[String]) -> Result<()> {
             business_events: 0,
             purge_service_path: None,
             reset_project_configs: None,
+            per_company_key: false,
+            skip_paging: false,
+            empty_pages: false,
         });
     }
     sim.seed(&Seed {

@@ -108,6 +108,9 @@ pub async fn run(keep: bool) -> Result<u8> {
                 "/api/services/RelinkServices/RelinkPurgeService/purge".into(),
             ),
             reset_project_configs: Some(5),
+            per_company_key: false,
+            skip_paging: false,
+            empty_pages: false,
         }],
         ..Seed::default()
     })

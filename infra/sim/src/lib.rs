@@ -278,9 +278,50 @@ mod tests {
             route("/dataverse/o/api/data/v9.2/WhoAmI"),
             Some(Target::Dataverse { .. })
         ));
+        let mut env = crate::state::FnoEnv {
+            linked_organization: String::new(),
+            project_configs: Default::default(),
+            field_configs: Default::default(),
+            business_events: Default::default(),
+            purge_service_path: None,
+            reset_project_configs: 0,
+            per_company_key: false,
+            skip_paging: false,
+            empty_pages: false,
+        };
         assert_eq!(
-            fno_key("DualWriteProjectConfigurations(ProjectName='O''Brien')").as_deref(),
+            fno_key(
+                &env,
+                "DualWriteProjectConfigurations(ProjectName='O''Brien')"
+            )
+            .as_deref(),
             Some("O'Brien")
+        );
+        assert_eq!(
+            fno_key(&env, "DualWriteProjectConfigurations('a,b')").as_deref(),
+            Some("a,b")
+        );
+        assert_eq!(
+            fno_key(
+                &env,
+                "DualWriteProjectConfigurations(dataAreaId='demf',ProjectName='x')"
+            ),
+            None,
+            "a key the entity does not have"
+        );
+        env.per_company_key = true;
+        assert_eq!(
+            fno_key(
+                &env,
+                "DualWriteProjectConfigurations(dataAreaId='DEMF',ProjectName='x')"
+            )
+            .as_deref(),
+            Some("demf\u{1f}x")
+        );
+        assert_eq!(
+            fno_key(&env, "DualWriteProjectConfigurations(ProjectName='x')").as_deref(),
+            Some("usmf\u{1f}x"),
+            "a partial key reaches the default company only"
         );
         assert_eq!(percent_decode("%27a%20b%27"), "'a b'");
         assert_eq!(

@@ -76,6 +76,17 @@ pub struct FnoSeed {
     /// Project configurations the simulated Reset recreates (default 3).
     #[serde(default)]
     pub reset_project_configs: Option<usize>,
+    /// The entity is per company: its key is (`dataAreaId`, `ProjectName`), each project exists
+    /// in two companies, and a delete by `ProjectName` alone reaches the default company's row
+    /// only. Default: keyed by `ProjectName`.
+    #[serde(default)]
+    pub per_company_key: bool,
+    /// Next links page with `$skip=N` instead of `$skiptoken`.
+    #[serde(default)]
+    pub skip_paging: bool,
+    /// An empty page carrying a next link comes before every page after the first.
+    #[serde(default)]
+    pub empty_pages: bool,
 }
 
 /// LCS environment history entries of one project environment, newest first.

@@ -28,6 +28,9 @@ pub(crate) struct FnoEnv {
     pub(crate) business_events: BTreeMap<String, Value>,
     pub(crate) purge_service_path: Option<String>,
     pub(crate) reset_project_configs: usize,
+    pub(crate) per_company_key: bool,
+    pub(crate) skip_paging: bool,
+    pub(crate) empty_pages: bool,
 }
 
 pub(crate) struct Token {
@@ -196,6 +199,9 @@ pub(crate) fn apply_seed(shared: &Shared, seed: &Seed) -> Result<(), String> {
             business_events: BTreeMap::new(),
             purge_service_path: f.purge_service_path.clone(),
             reset_project_configs: f.reset_project_configs.unwrap_or(3),
+            per_company_key: f.per_company_key,
+            skip_paging: f.skip_paging,
+            empty_pages: f.empty_pages,
         };
         fill_project_configs(&mut env, f.project_configs, &url);
         for i in 0..f.field_configs {
@@ -211,14 +217,30 @@ pub(crate) fn apply_seed(shared: &Shared, seed: &Seed) -> Result<(), String> {
     Ok(())
 }
 
+/// The map key of a project configuration: `ProjectName`, or company and name when the entity
+/// is per company.
+pub(crate) fn config_key(env: &FnoEnv, company: &str, name: &str) -> String {
+    if env.per_company_key {
+        format!("{}\u{1f}{name}", company.to_ascii_lowercase())
+    } else {
+        name.to_string()
+    }
+}
+
 pub(crate) fn fill_project_configs(env: &mut FnoEnv, n: usize, url: &str) {
     for i in 0..n {
-        let name = format!("Project {i:05} Customers V3 O'Brien");
+        // Per company, each project is configured in two companies under one name.
+        let name = if env.per_company_key {
+            format!("Project {:05} Customers V3 O'Brien", i / 2)
+        } else {
+            format!("Project {i:05} Customers V3 O'Brien")
+        };
+        let company = if i % 2 == 0 { "usmf" } else { "demf" };
         env.project_configs.insert(
-            name.clone(),
+            config_key(env, company, &name),
             json!({
                 "@odata.etag": format!("W/\"JzEsNTYzNzE0NDU3Njsw{i}Jw==\""),
-                "dataAreaId": if i % 2 == 0 { "usmf" } else { "demf" },
+                "dataAreaId": company,
                 "ProjectName": name,
                 "ExternalEnvironmentUrl": url,
                 "InternalEntityName": "CustCustomerV3Entity",

@@ -114,10 +114,16 @@ impl FnoApi for FakeFno {
             next_link: None,
         })
     }
-    async fn delete_project_configs(&self, names: &[String]) -> Result<BatchOutcome> {
+    async fn project_config_key(&self) -> Result<Vec<String>> {
+        Ok(vec!["ProjectName".into()])
+    }
+    async fn delete_project_configs(&self, keys: &[String]) -> Result<BatchOutcome> {
         let mut rows = self.rows.lock().unwrap();
         let before = rows.len();
-        rows.retain(|r| !names.iter().any(|n| r["ProjectName"] == *n));
+        rows.retain(|r| {
+            let key = crate::stages::key_predicate(&["ProjectName".into()], r).unwrap();
+            !keys.contains(&key)
+        });
         Ok(BatchOutcome {
             deleted: before - rows.len(),
             ..BatchOutcome::default()

@@ -242,10 +242,16 @@ impl ServiceTable {
 /// The F&O OData operations relink needs.
 #[async_trait]
 pub trait FnoApi: Send + Sync {
-    /// A page of `DualWriteProjectConfigurations` (cross-company), first or by next link.
+    /// A page of `DualWriteProjectConfigurations` (cross-company), first or by next link; the
+    /// rows carry every key property.
     async fn project_configs(&self, next_link: Option<&str>, page_size: usize) -> Result<Page>;
-    /// Deletes project configurations by `ProjectName` in one `$batch`.
-    async fn delete_project_configs(&self, names: &[String]) -> Result<BatchOutcome>;
+    /// The key properties of `DualWriteProjectConfiguration`, as the environment's `$metadata`
+    /// declares them (e.g. `["dataAreaId", "ProjectName"]` where the entity is per company).
+    async fn project_config_key(&self) -> Result<Vec<String>>;
+    /// Deletes project configurations in one `$batch`, each addressed by its whole key: the
+    /// OData key predicate without parentheses (`dataAreaId='usmf',ProjectName='Customers'`),
+    /// as [`crate::stages::key_predicate`] writes it.
+    async fn delete_project_configs(&self, keys: &[String]) -> Result<BatchOutcome>;
     /// Whether a custom purge service is configured for the other key tables.
     fn has_purge_service(&self) -> bool;
     /// Lists a table's rows through the purge service (each row has a `key`).

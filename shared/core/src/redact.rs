@@ -24,9 +24,35 @@ pub fn is_secret_field(name: &str) -> bool {
         || n.ends_with("key") && !n.ends_with("primarykey")
 }
 
-/// Redacts secret-bearing fields (recursively) and drops OData annotations other than the etag.
+/// Markers of a secret inside a value, whatever its column is called (compared lower-case):
+/// storage and Service Bus connection strings, SAS query strings, passwords in connection
+/// strings, bearer tokens and PEM private keys.
+const SECRET_MARKERS: [&str; 12] = [
+    "accountkey=",
+    "sharedaccesskey=",
+    "sharedaccesssignature=",
+    "sig=",
+    "password=",
+    "pwd=",
+    "client_secret=",
+    "clientsecret=",
+    "secret=",
+    "access_token=",
+    "bearer ",
+    "private key-----",
+];
+
+/// Whether a value carries a secret, whatever the column is called.
+pub fn is_secret_value(value: &str) -> bool {
+    let v = value.to_ascii_lowercase();
+    SECRET_MARKERS.iter().any(|m| v.contains(m))
+}
+
+/// Redacts secret-bearing fields and values (recursively) and drops OData annotations other
+/// than the etag.
 pub fn redact_row(row: &Value) -> Value {
     match row {
+        Value::String(s) if is_secret_value(s) => Value::String(REDACTED.into()),
         Value::Object(map) => Value::Object(
             map.iter()
                 .filter(|(k, _)| !k.starts_with("@odata.") || k.as_str() == "@odata.etag")
@@ -96,6 +122,30 @@ mod tests {
         assert_eq!(
             out["ExternalEnvironmentUrl"],
             "https://org.crm.dynamics.com"
+        );
+    }
+
+    #[test]
+    fn secrets_in_innocent_columns_are_redacted_by_their_value() {
+        let row = json!({
+            "msdyn_name": "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=S3cr3t==",
+            "Notes": "https://x.blob.core.windows.net/c?sv=2022&SIG=abc%3D",
+            "Description": "Server=db;User Id=sa;Password=hunter2;",
+            "Header": "Bearer eyJ0eXAi",
+            "list": ["plain", "-----BEGIN RSA PRIVATE KEY-----\nMIIE"],
+            "Status": "Active",
+            "ExternalEnvironmentUrl": "https://org.crm.dynamics.com/?signature_version=2",
+        });
+        let out = redact_row(&row);
+        let text = out.to_string();
+        for secret in ["S3cr3t", "abc%3D", "hunter2", "eyJ0eXAi", "MIIE"] {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
+        assert_eq!(out["Status"], "Active");
+        assert_eq!(out["list"][0], "plain");
+        assert_eq!(
+            out["ExternalEnvironmentUrl"],
+            "https://org.crm.dynamics.com/?signature_version=2"
         );
     }
 }

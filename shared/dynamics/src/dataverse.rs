@@ -283,7 +283,11 @@ impl DataverseApi for DataverseClient {
         let mut url = self.api.join(&set.name).expect("validated name");
         url.query_pairs_mut().append_pair(
             "$select",
-            &format!("{},msdyn_name,createdon,modifiedon", set.primary_id),
+            &format!(
+                "{},{}",
+                set.primary_id,
+                relink_core::stages::DATAVERSE_COLUMNS.join(",")
+            ),
         );
         let v = self
             .get(url, Some(page_size))

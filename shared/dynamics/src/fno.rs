@@ -19,9 +19,13 @@ const FNO: Service = Service {
     auth_hint: "check that the app registration is listed in F&O under System administration > Microsoft Entra applications and that its mapped user is enabled: after a database refresh every user except Admin is disabled; the user needs a role allowed to delete dual-write configurations",
 };
 
-/// The columns relink reads: never the connection strings the entity also exposes.
-pub const PROJECT_CONFIG_COLUMNS: &str =
-    "ProjectName,ExternalEnvironmentUrl,InternalEntityName,ExternalEntityName,Status,IsDelete";
+/// The entity type behind `DualWriteProjectConfigurations`.
+const PROJECT_CONFIG_TYPE: &str = "DualWriteProjectConfiguration";
+/// Most of `$metadata` read while looking for the key: F&O's document describes thousands of
+/// entities (tens of MB); it is scanned as it streams and never held whole.
+const MAX_METADATA: usize = 256 << 20;
+/// Most bytes one `EntityType` element may take.
+const MAX_ENTITY_TYPE: usize = 1 << 20;
 
 /// F&O OData client for one environment.
 pub struct FnoClient {
@@ -30,6 +34,8 @@ pub struct FnoClient {
     data: Url,
     scope: String,
     purge_service: Option<Url>,
+    /// The key of `DualWriteProjectConfiguration`, read from `$metadata` once.
+    key: tokio::sync::OnceCell<Vec<String>>,
 }
 
 impl FnoClient {
@@ -44,7 +50,107 @@ impl FnoClient {
                 .fno_purge_service
                 .as_deref()
                 .map(|p| join(&env.fno_url, p.trim_start_matches('/'))),
+            key: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// Scans `$metadata` as it streams for `<EntityType Name="DualWriteProjectConfiguration">`
+    /// and returns its `<Key>` property names. A 404, or a document without the type, falls
+    /// back to `ProjectName` (said in a warning): a per-company row that a delete by name
+    /// misses is then still caught, because the purge re-reads and fails with the rows named.
+    async fn read_key(&self) -> Result<Vec<String>> {
+        let url = self.data.join("$metadata").expect("fixed path");
+        let build = |token: Option<&str>| {
+            self.http
+                .client()
+                .get(url.clone())
+                .header("Accept", "application/xml")
+                .bearer_auth(token.unwrap_or_default())
+        };
+        let mut resp = self.http.send(FNO, self.auth(), &build).await?;
+        let fallback = |why: &str| {
+            tracing::warn!(
+                reason = why,
+                "the key of DualWriteProjectConfigurations is taken to be ProjectName"
+            );
+            Ok(vec!["ProjectName".to_string()])
+        };
+        if resp.status().as_u16() == 404 {
+            return fallback("$metadata answered 404");
+        }
+        let open = format!("<EntityType Name=\"{PROJECT_CONFIG_TYPE}\"");
+        let mut window = String::new();
+        let mut read = 0usize;
+        let mut found = false;
+        loop {
+            let chunk = match resp.chunk().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(Error::Unavailable {
+                        service: FNO.name,
+                        attempts: 1,
+                        detail: format!("$metadata: {}", relink_core::error::chain(&e)),
+                        retry_after: None,
+                    });
+                }
+            };
+            read += chunk.len();
+            if read > MAX_METADATA {
+                return Err(Error::Protocol {
+                    service: FNO.name,
+                    detail: format!(
+                        "$metadata goes on past {} MB without describing {PROJECT_CONFIG_TYPE}",
+                        MAX_METADATA >> 20
+                    ),
+                });
+            }
+            window.push_str(&String::from_utf8_lossy(&chunk));
+            if !found {
+                match window.find(&open) {
+                    Some(at) => {
+                        window.drain(..at);
+                        found = true;
+                    }
+                    None => {
+                        // Keep just enough to match a tag cut between two chunks.
+                        let keep = window.len().saturating_sub(open.len());
+                        let cut = (keep..=window.len())
+                            .find(|i| window.is_char_boundary(*i))
+                            .unwrap_or(window.len());
+                        window.drain(..cut);
+                        continue;
+                    }
+                }
+            }
+            if let Some(end) = window.find("</EntityType>") {
+                return match entity_key(&window[..end]) {
+                    Some(key) => Ok(key),
+                    None => Err(Error::Protocol {
+                        service: FNO.name,
+                        detail: format!("$metadata declares {PROJECT_CONFIG_TYPE} without a key"),
+                    }),
+                };
+            }
+            if window.len() > MAX_ENTITY_TYPE {
+                return Err(Error::Protocol {
+                    service: FNO.name,
+                    detail: format!("$metadata's {PROJECT_CONFIG_TYPE} element never ends"),
+                });
+            }
+        }
+        fallback("$metadata does not describe DualWriteProjectConfiguration")
+    }
+
+    /// The `$select` of project configurations: the columns relink archives and the key.
+    fn select(key: &[String]) -> String {
+        let mut cols: Vec<&str> = relink_core::stages::FNO_COLUMNS.to_vec();
+        for k in key {
+            if !cols.contains(&k.as_str()) {
+                cols.push(k);
+            }
+        }
+        cols.join(",")
     }
 
     fn auth(&self) -> Option<(&dyn TokenSource, &str)> {
@@ -78,10 +184,29 @@ impl FnoClient {
     }
 }
 
-/// Quotes an OData string key: `'` doubles, then the whole literal is percent-encoded.
-fn key_literal(name: &str) -> String {
-    let quoted = format!("'{}'", name.replace('\'', "''"));
-    url::form_urlencoded::byte_serialize(quoted.as_bytes())
+/// The `<PropertyRef Name="..."/>` names inside the `<Key>` of one `EntityType` element.
+fn entity_key(element: &str) -> Option<Vec<String>> {
+    let start = element.find("<Key>")? + "<Key>".len();
+    let end = start + element[start..].find("</Key>")?;
+    let names: Vec<String> = element[start..end]
+        .split("<PropertyRef")
+        .skip(1)
+        .filter_map(|part| {
+            let at = part.find("Name=\"")? + "Name=\"".len();
+            let len = part[at..].find('"')?;
+            let name = &part[at..at + len];
+            (!name.is_empty()
+                && name.len() <= 128
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            .then(|| name.to_string())
+        })
+        .collect();
+    (!names.is_empty()).then_some(names)
+}
+
+/// Percent-encodes a key predicate (`dataAreaId='usmf',ProjectName='O''Brien'`) for a path.
+fn encode_predicate(predicate: &str) -> String {
+    url::form_urlencoded::byte_serialize(predicate.as_bytes())
         .collect::<String>()
         .replace('+', "%20")
 }
@@ -96,9 +221,10 @@ impl FnoApi for FnoClient {
                     .data
                     .join("DualWriteProjectConfigurations")
                     .expect("fixed path");
+                let key = self.project_config_key().await?;
                 u.query_pairs_mut()
                     .append_pair("cross-company", "true")
-                    .append_pair("$select", PROJECT_CONFIG_COLUMNS);
+                    .append_pair("$select", &Self::select(&key));
                 u
             }
         };
@@ -135,14 +261,18 @@ impl FnoApi for FnoClient {
         })
     }
 
-    async fn delete_project_configs(&self, names: &[String]) -> Result<BatchOutcome> {
-        let paths: Vec<String> = names
+    async fn project_config_key(&self) -> Result<Vec<String>> {
+        self.key.get_or_try_init(|| self.read_key()).await.cloned()
+    }
+
+    async fn delete_project_configs(&self, keys: &[String]) -> Result<BatchOutcome> {
+        let paths: Vec<String> = keys
             .iter()
-            .map(|n| {
+            .map(|k| {
                 format!(
-                    "{}DualWriteProjectConfigurations(ProjectName={})",
+                    "{}DualWriteProjectConfigurations({})",
                     self.data.path(),
-                    key_literal(n)
+                    encode_predicate(k)
                 )
             })
             .collect();
@@ -158,7 +288,7 @@ impl FnoApi for FnoClient {
                 .body(batch.body.clone())
         };
         let resp = self.http.send(FNO, self.auth(), &build).await?;
-        batch_outcome(FNO.name, resp, names).await
+        batch_outcome(FNO.name, resp, keys).await
     }
 
     fn has_purge_service(&self) -> bool {
@@ -207,8 +337,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn string_keys_are_quoted_and_encoded() {
-        assert_eq!(key_literal("Customers V3"), "%27Customers%20V3%27");
-        assert_eq!(key_literal("O'Brien/1"), "%27O%27%27Brien%2F1%27");
+    fn key_predicates_are_encoded_for_a_path() {
+        assert_eq!(
+            encode_predicate("dataAreaId='usmf',ProjectName='O''Brien/1 V3'"),
+            "dataAreaId%3D%27usmf%27%2CProjectName%3D%27O%27%27Brien%2F1%20V3%27"
+        );
+    }
+
+    #[test]
+    fn the_key_is_read_from_the_entity_type() {
+        let element = r#"<EntityType Name="DualWriteProjectConfiguration"><Key><PropertyRef Name="dataAreaId" /><PropertyRef Name="ProjectName" /></Key><Property Name="ProjectName" Type="Edm.String" />"#;
+        assert_eq!(
+            entity_key(element),
+            Some(vec!["dataAreaId".to_string(), "ProjectName".to_string()])
+        );
+        assert_eq!(
+            entity_key("<EntityType Name=\"X\"><Property Name=\"A\"/>"),
+            None
+        );
+        assert_eq!(
+            entity_key(r#"<Key><PropertyRef Name="a'b" /></Key>"#),
+            None,
+            "a name that is not an identifier is not a key"
+        );
     }
 }

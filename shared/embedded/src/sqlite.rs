@@ -76,8 +76,11 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the store file.
+    /// Opens (creating if needed) the store file. It holds archived rows of business systems, so
+    /// it is created readable and writable by its owner only (0600), and an existing file is
+    /// narrowed to that; SQLite gives its `-wal` and `-shm` files the database file's mode.
     pub fn open(path: &Path) -> Result<SqliteStore> {
+        owner_only(path)?;
         let conn = Connection::open(path)
             .map_err(|e| Error::store(format!("cannot open {}: {e}", path.display())))?;
         Self::init(conn)
@@ -101,6 +104,30 @@ impl SqliteStore {
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Creates `path` with mode 0600 if it is missing, or narrows an existing file to 0600.
+fn owner_only(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let cannot = |e: std::io::Error| {
+            Error::store(format!(
+                "cannot create {} readable by its owner only: {e}",
+                path.display()
+            ))
+        };
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(cannot)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(cannot)?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 fn decode(body: String) -> Result<Run> {
@@ -409,6 +436,28 @@ mod tests {
     use super::*;
     use relink_core::model::{RunOptions, RunStatus, Trigger};
     use serde_json::json;
+
+    #[cfg(unix)]
+    #[test]
+    fn the_store_file_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!(
+            "relink-perm-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("relink.db");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        drop(SqliteStore::open(&path).unwrap());
+        assert_eq!(mode(&path), 0o600);
+        // A file left readable by others is narrowed when relink opens it.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        drop(store);
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     fn run(id: &str) -> Run {
         Run::new(

@@ -2,12 +2,12 @@
 //! Configurations (`msdyn_dualwriteruntimeconfig`), paced to Dataverse's service protection
 //! limits.
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::detect::count_dataverse;
-use super::engine::{Purgeable, Tally, purge_pages};
+use super::engine::{Purgeable, Tally, purge_pages, string_key};
 use super::guards::guard_target;
-use super::{DATAVERSE_TABLE, StageCtx, StageReport, Then};
+use super::{DATAVERSE_COLUMNS, DATAVERSE_TABLE, StageCtx, StageReport, Then};
 use crate::error::Result;
 use crate::model::StageStatus;
 use crate::ports::{BatchOutcome, DataverseApi, EntitySet, Page};
@@ -23,8 +23,13 @@ impl Purgeable for DataverseRows<'_> {
     fn table(&self) -> &'static str {
         DATAVERSE_TABLE
     }
-    fn key_field(&self) -> &str {
-        &self.set.primary_id
+    fn key_of(&self, row: &Value) -> Result<String> {
+        string_key(DATAVERSE_TABLE, &self.set.primary_id, row)
+    }
+    fn columns(&self) -> Option<Vec<&str>> {
+        let mut cols = DATAVERSE_COLUMNS.to_vec();
+        cols.push(&self.set.primary_id);
+        Some(cols)
     }
     async fn first_page(&self) -> Result<Page> {
         self.dv.first_page(&self.set, self.page_size).await

@@ -83,8 +83,12 @@ impl Tally {
 pub(super) trait Purgeable: Send + Sync {
     /// The table name for archives and progress.
     fn table(&self) -> &'static str;
-    /// The field of a row that holds its key.
-    fn key_field(&self) -> &str;
+    /// The row's key, as the delete takes it.
+    fn key_of(&self, row: &Value) -> Result<String>;
+    /// The columns the read asked for (`$select`, key included): only these and the etag are
+    /// archived, whatever else a server sends. `None` archives the row as listed (the purge
+    /// service's rows, which have no `$select`).
+    fn columns(&self) -> Option<Vec<&str>>;
     /// The first page of the rows still present.
     async fn first_page(&self) -> Result<Page>;
     /// The page after one whose `next_link` this is.
@@ -289,6 +293,17 @@ impl Tally {
     }
 }
 
+/// The string in `field` of a row: the key of tables keyed by one string column.
+pub(super) fn string_key(table: &str, field: &str, row: &Value) -> Result<String> {
+    row.get(field)
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| Error::Protocol {
+            service: "OData",
+            detail: format!("{table} row without a string `{field}`"),
+        })
+}
+
 /// Archives a page (redacted) and returns its keys, in order.
 pub(super) async fn archive_page(
     ctx: &StageCtx<'_>,
@@ -296,22 +311,24 @@ pub(super) async fn archive_page(
     rows: Vec<Value>,
 ) -> Result<Vec<String>> {
     let table = rows_of.table();
-    let key_field = rows_of.key_field();
+    let columns = rows_of.columns();
     let mut keys = Vec::with_capacity(rows.len());
     let mut archived = Vec::with_capacity(rows.len());
     for row in &rows {
-        let key = row
-            .get(key_field)
-            .and_then(Value::as_str)
-            .ok_or_else(|| Error::Protocol {
-                service: "OData",
-                detail: format!("{table} row without a string `{key_field}`"),
-            })?
-            .to_string();
+        let key = rows_of.key_of(row)?;
+        let row = match (&columns, row) {
+            (Some(cols), Value::Object(map)) => Value::Object(
+                map.iter()
+                    .filter(|(k, _)| k.as_str() == "@odata.etag" || cols.contains(&k.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
+            _ => row.clone(),
+        };
         archived.push(ArchivedRow {
             table: table.to_string(),
             key: key.clone(),
-            row: crate::redact::redact_row(row),
+            row: crate::redact::redact_row(&row),
         });
         keys.push(key);
     }

@@ -21,7 +21,7 @@ mod reset;
 pub use clear::clear_configs;
 pub use detect::{detect, inspect};
 pub use guards::{GuardEvidence, guard_identity, guard_production, guard_target};
-pub use purge::purge_keys;
+pub use purge::{key_predicate, purge_keys};
 pub use reset::{ManualReset, manual_instructions, reset_link, verify};
 
 use serde::{Deserialize, Serialize};
@@ -36,6 +36,17 @@ use crate::registry::EnvConfig;
 pub const DATAVERSE_TABLE: &str = "msdyn_dualwriteruntimeconfig";
 /// F&O table behind `DualWriteProjectConfigurations`.
 pub const FNO_TABLE: &str = "DualWriteProjectConfiguration";
+/// The runtime-config columns read (`$select`, besides the primary id) and archived.
+pub const DATAVERSE_COLUMNS: [&str; 3] = ["msdyn_name", "createdon", "modifiedon"];
+/// The F&O project-configuration columns read (`$select`) and archived.
+pub const FNO_COLUMNS: [&str; 6] = [
+    "ProjectName",
+    "ExternalEnvironmentUrl",
+    "InternalEntityName",
+    "ExternalEntityName",
+    "Status",
+    "IsDelete",
+];
 
 /// What a stage needs: the environment, the run and the ports.
 pub struct StageCtx<'a> {

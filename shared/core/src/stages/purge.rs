@@ -4,9 +4,9 @@
 
 use serde_json::{Value, json};
 
-use super::engine::{PageGuard, Purgeable, Tally, purge_pages};
+use super::engine::{PageGuard, Purgeable, Tally, purge_pages, string_key};
 use super::guards::guard_target;
-use super::{FNO_TABLE, StageCtx, StageReport, Then};
+use super::{FNO_COLUMNS, FNO_TABLE, StageCtx, StageReport, Then};
 use crate::error::Result;
 use crate::model::StageStatus;
 use crate::ports::{BatchOutcome, FnoApi, Page, ServiceTable};
@@ -14,6 +14,33 @@ use crate::ports::{BatchOutcome, FnoApi, Page, ServiceTable};
 struct ProjectConfigs<'a> {
     fno: &'a dyn FnoApi,
     page_size: usize,
+    /// The entity's key properties (from `$metadata`).
+    key: Vec<String>,
+}
+
+/// The OData key predicate of `row` for the key properties `key`, without parentheses:
+/// `dataAreaId='usmf',ProjectName='O''Brien'`. Strings are quoted (`'` doubled), numbers and
+/// booleans written as they are; a row missing a key property, or with another kind of value,
+/// is a protocol error (relink never deletes by a partial key).
+pub fn key_predicate(key: &[String], row: &Value) -> Result<String> {
+    let mut parts = Vec::with_capacity(key.len());
+    for k in key {
+        let literal = match row.get(k) {
+            Some(Value::String(s)) => format!("'{}'", s.replace('\'', "''")),
+            Some(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
+            _ => {
+                return Err(crate::Error::Protocol {
+                    service: "F&O",
+                    detail: format!(
+                        "a {FNO_TABLE} row without a usable key property `{k}` (its key is {})",
+                        key.join(", ")
+                    ),
+                });
+            }
+        };
+        parts.push(format!("{k}={literal}"));
+    }
+    Ok(parts.join(","))
 }
 
 #[async_trait::async_trait]
@@ -21,8 +48,13 @@ impl Purgeable for ProjectConfigs<'_> {
     fn table(&self) -> &'static str {
         FNO_TABLE
     }
-    fn key_field(&self) -> &str {
-        "ProjectName"
+    fn key_of(&self, row: &Value) -> Result<String> {
+        key_predicate(&self.key, row)
+    }
+    fn columns(&self) -> Option<Vec<&str>> {
+        let mut cols = FNO_COLUMNS.to_vec();
+        cols.extend(self.key.iter().map(String::as_str));
+        Some(cols)
     }
     async fn first_page(&self) -> Result<Page> {
         self.fno.project_configs(None, self.page_size).await
@@ -45,8 +77,11 @@ impl Purgeable for ServiceRows<'_> {
     fn table(&self) -> &'static str {
         self.table.as_str()
     }
-    fn key_field(&self) -> &str {
-        "key"
+    fn key_of(&self, row: &Value) -> Result<String> {
+        string_key(self.table(), "key", row)
+    }
+    fn columns(&self) -> Option<Vec<&str>> {
+        None
     }
     async fn first_page(&self) -> Result<Page> {
         Ok(Page {
@@ -91,6 +126,7 @@ pub async fn purge_keys(ctx: &StageCtx<'_>) -> Result<StageReport> {
             &ProjectConfigs {
                 fno: ctx.fno,
                 page_size: limits.fno_page_size,
+                key: ctx.fno.project_config_key().await?,
             },
             limits.fno_batch_size,
             1,
