@@ -266,6 +266,12 @@ async fn s05_killed_in_the_middle_of_a_delete_batch() {
     assert_eq!(worker.code, 0, "{worker:?}");
     let run = a.status_json(&["--run", &run_id]).await;
     assert_eq!(stage(&run, "clear-dataverse-configs")["attempts"], 2);
+    let outcome = &stage(&run, "clear-dataverse-configs")["outcome"];
+    assert_eq!(
+        (outcome["deleted"].as_u64(), outcome["archived"].as_u64()),
+        (Some(3000), Some(3000)),
+        "the outcome is the run's, across both attempts: {outcome}"
+    );
     a.conclude(
         Scenario {
             id: "05-killed-mid-batch",
@@ -276,7 +282,7 @@ async fn s05_killed_in_the_middle_of_a_delete_batch() {
             kept_rows: 0,
             also_secret: vec![],
         },
-        "the stage resumed (attempt 2) from a fresh read; the 200 rows were archived before they went",
+        "the stage resumed (attempt 2) from a fresh read; the 200 rows were archived before they went; the outcome counts both attempts (deleted 3000)",
     )
     .await;
 }
@@ -558,6 +564,14 @@ async fn s11_crashed_lock_holder_whose_lease_expires() {
         deleted_at_crash,
         "nothing was deleted by the refused redelivery"
     );
+    // The refusal is on the run, with what it waits for and until when.
+    let status = a.status_json(&["--run", &run_id]).await;
+    let waiting = status["waiting"].as_str().unwrap_or_default().to_string();
+    assert!(
+        waiting.contains("an earlier attempt of this run")
+            && waiting.contains(&format!("until {}", still.lease_until)),
+        "{waiting}"
+    );
     // The lease lapses (the test moves the clock of this one lock), and the message is
     // visible again at once.
     store
@@ -587,7 +601,7 @@ async fn s11_crashed_lock_holder_whose_lease_expires() {
             kept_rows: 0,
             also_secret: vec![],
         },
-        "the redelivery was refused while the lease lived (nothing deleted), then a worker took the environment over and finished",
+        "the redelivery was refused while the lease lived (nothing deleted; the run said what it waited for and until when), then a worker took the environment over and finished",
     )
     .await;
 }

@@ -126,6 +126,12 @@ impl ProgressStore for TimedStore {
     async fn archived(&self, run_id: &str) -> R<Vec<ArchivedRow>> {
         self.time(self.inner.archived(run_id)).await
     }
+    async fn archived_count(&self, run_id: &str, table: &str) -> R<usize> {
+        self.time(self.inner.archived_count(run_id, table)).await
+    }
+    async fn note_waiting(&self, env: &str, run_id: &str, note: &str) -> R<()> {
+        self.time(self.inner.note_waiting(env, run_id, note)).await
+    }
     async fn claim_trigger(&self, s: &str, op: &str, run_id: &str) -> R<Result<(), String>> {
         self.time(self.inner.claim_trigger(s, op, run_id)).await
     }

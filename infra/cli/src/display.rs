@@ -179,6 +179,7 @@ pub fn run_json(run: &Run) -> Value {
         "created_at": run.created_at,
         "updated_at": run.updated_at,
         "instructions": run.instructions,
+        "waiting": run.waiting,
         "stages": run.stages.iter().map(|s| json!({
             "stage": s.stage,
             "status": s.status,
@@ -204,6 +205,9 @@ pub fn run_text(run: &Run) -> String {
             ""
         }
     );
+    if let Some(w) = &run.waiting {
+        out.push_str(&format!("  waiting: {}\n", printable(w)));
+    }
     for s in &run.stages {
         let status = format!("{:?}", s.status).to_lowercase();
         out.push_str(&format!("  {:<24} {:<10}", s.stage.as_str(), status));

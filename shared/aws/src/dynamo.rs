@@ -140,9 +140,13 @@ impl DynamoStore {
             return Ok(None);
         }
         let body = get_s(item, "body").ok_or_else(|| Error::store("run item without body"))?;
-        serde_json::from_str(body)
-            .map(Some)
-            .map_err(|e| Error::store(format!("unreadable run item: {e}")))
+        let mut run: Run = serde_json::from_str(body)
+            .map_err(|e| Error::store(format!("unreadable run item: {e}")))?;
+        // Written beside the body by `note_waiting`; a put of the run drops it.
+        if let Some(w) = get_s(item, "waiting") {
+            run.waiting = Some(w.to_string());
+        }
+        Ok(Some(run))
     }
 
     async fn get_item(&self, pk: String, sk: &str) -> Result<Option<Item>> {
@@ -334,6 +338,25 @@ impl ProgressStore for DynamoStore {
             Some(item) => Self::decode_run(&item),
             // Not where the event says: maybe another environment's run (the caller refuses it).
             None => self.get_run(run_id).await,
+        }
+    }
+
+    async fn note_waiting(&self, environment_id: &str, run_id: &str, note: &str) -> Result<()> {
+        let res = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("PK", s(env_pk(environment_id)))
+            .key("SK", s(format!("RUN#{run_id}")))
+            .update_expression("SET waiting = :w")
+            .condition_expression("attribute_exists(PK)")
+            .expression_attribute_values(":w", s(note.to_string()))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failed(&e) => Ok(()),
+            Err(e) => Err(Error::store_source("note why a run waits", e)),
         }
     }
 

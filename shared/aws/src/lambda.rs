@@ -407,12 +407,10 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        let waiting = run.waiting.as_deref().unwrap_or_default();
         assert!(
-            run.stage(Stage::DetectMismatch)
-                .error
-                .as_deref()
-                .unwrap()
-                .contains("01JDQ4N9Z3W8B7C6X5V4T3S2R0")
+            waiting.contains("held by run 01JDQ4N9Z3W8B7C6X5V4T3S2R0"),
+            "{waiting}"
         );
     }
 

@@ -239,6 +239,11 @@ pub struct Run {
     /// Operator instructions while the run awaits confirmation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instructions: Option<String>,
+    /// Why a delivery for this run was refused and will come back, and until when it waits
+    /// (written beside the record, without a version change, so it never conflicts with the
+    /// worker that holds the run; cleared by the run's next recorded change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
     /// Optimistic-concurrency version: each successful write increments it.
     pub version: u64,
 }
@@ -273,6 +278,7 @@ impl Run {
                 })
                 .collect(),
             instructions: None,
+            waiting: None,
             version: 0,
         }
     }
@@ -333,6 +339,7 @@ impl Run {
         }
         rec.status = to;
         self.updated_at = now;
+        self.waiting = None;
         Ok(())
     }
 

@@ -78,25 +78,39 @@ impl Engine<'_> {
             .take_while(|s| **s != stage)
             .find(|s| !run.stage(**s).status.is_done())
         {
-            return Err(Error::Conflict(format!(
+            let why = format!(
                 "stage {stage} of run {} arrived before {before} finished; it will be retried",
                 run.run_id
-            )));
+            );
+            self.store
+                .note_waiting(
+                    &env.id,
+                    &run.run_id,
+                    &format!("{why} ({})", Timestamp::now()),
+                )
+                .await
+                .ok();
+            return Err(Error::Conflict(why));
         }
         if let Err(e) = self.take_lock(env, &run).await {
-            if let Error::LockHeld { holder, until, .. } = &e
-                && !holder.starts_with(&run.run_id)
-            {
-                // Held back by another run: say so on this run, and let the queue retry it.
-                let mut blocked = run.clone();
-                blocked.set_error(
-                    stage,
+            if let Error::LockHeld { holder, until, .. } = &e {
+                let note = if holder.starts_with(&run.run_id) {
+                    // The same run's earlier invocation (dead, or still at work) holds the lease.
                     format!(
-                        "waiting: environment {} is held by run {holder} (lease until {until})",
+                        "{stage} refused a delivery at {}: an earlier attempt of this run ({holder}) holds environment {} until {until}; the queue delivers it again, and it goes on once that lease is renewed no more",
+                        Timestamp::now(),
                         env.id
-                    ),
-                );
-                self.store.update_run(&blocked).await.ok();
+                    )
+                } else {
+                    format!(
+                        "{stage} waits: environment {} is held by run {holder} (lease until {until}); the queue delivers it again",
+                        env.id
+                    )
+                };
+                self.store
+                    .note_waiting(&env.id, &run.run_id, &note)
+                    .await
+                    .ok();
             }
             return Err(e);
         }

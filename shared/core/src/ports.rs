@@ -101,6 +101,18 @@ pub trait ProgressStore: Send + Sync {
     -> Result<()>;
     /// Every row archived by a run, one copy per row.
     async fn archived(&self, run_id: &str) -> Result<Vec<ArchivedRow>>;
+    /// Notes on the run why a delivery was refused and what it waits for (`Run::waiting`),
+    /// without changing its version: a worker that holds the run is never made to conflict.
+    async fn note_waiting(&self, environment_id: &str, run_id: &str, note: &str) -> Result<()>;
+    /// How many distinct rows of `table` a run has archived, across all its attempts.
+    async fn archived_count(&self, run_id: &str, table: &str) -> Result<usize> {
+        Ok(self
+            .archived(run_id)
+            .await?
+            .iter()
+            .filter(|r| r.table == table)
+            .count())
+    }
     /// Records that a restore signal (`source`, `operation_id`) starts `run_id`, once: returns
     /// the run id of an earlier claim when the signal was seen before.
     async fn claim_trigger(

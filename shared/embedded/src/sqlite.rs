@@ -325,6 +325,28 @@ impl ProgressStore for SqliteStore {
         Ok(())
     }
 
+    async fn note_waiting(&self, _environment_id: &str, run_id: &str, note: &str) -> Result<()> {
+        self.conn()
+            .execute(
+                "UPDATE runs SET body = json_set(body, '$.waiting', ?2) WHERE run_id = ?1",
+                [run_id, note],
+            )
+            .db()?;
+        Ok(())
+    }
+
+    async fn archived_count(&self, run_id: &str, table: &str) -> Result<usize> {
+        let n: i64 = self
+            .conn()
+            .query_row(
+                "SELECT COUNT(*) FROM archive WHERE run_id = ?1 AND table_name = ?2",
+                [run_id, table],
+                |r| r.get(0),
+            )
+            .db()?;
+        Ok(n as usize)
+    }
+
     async fn archived(&self, run_id: &str) -> Result<Vec<ArchivedRow>> {
         let conn = self.conn();
         let mut stmt = conn

@@ -133,7 +133,7 @@ pub(super) async fn purge_pages<'a>(
     loop {
         let first = rows_of.first_page().await?;
         if first.rows.is_empty() && first.next_link.is_none() {
-            return Ok(tally);
+            return resumed_totals(ctx, table, tally).await;
         }
         let mut pages = PageGuard::new(table);
         let mut next_link = first.next_link;
@@ -291,6 +291,25 @@ impl Tally {
             rows: self.found,
         });
     }
+}
+
+/// The stage's totals across attempts. A first attempt's tally is exact. A resumed one saw only
+/// what the earlier attempts left (rows they deleted, some perhaps without hearing the answer,
+/// are no longer listed), so the run's figures come from the archive, which holds every row any
+/// attempt read before deleting it: all of them are gone now, and those that answered 404 in
+/// this attempt were removed by someone else.
+async fn resumed_totals(ctx: &StageCtx<'_>, table: &str, mut tally: Tally) -> Result<Tally> {
+    let resumed = ctx
+        .run
+        .stages
+        .iter()
+        .any(|s| s.status == crate::model::StageStatus::Running && s.attempts > 1);
+    if resumed {
+        let archived = ctx.store.archived_count(&ctx.run.run_id, table).await?;
+        tally.found = archived.max(tally.found);
+        tally.deleted = tally.found.saturating_sub(tally.already_gone);
+    }
+    Ok(tally)
 }
 
 /// The string in `field` of a row: the key of tables keyed by one string column.
