@@ -852,43 +852,68 @@ async fn s15_production_is_refused() {
     .await;
 }
 
+/// The ingest function's own wiring against the local stack, with its signing key.
+struct Notifier {
+    deps: relink_aws::ingest::IngestDeps,
+    key: String,
+}
+
+impl Notifier {
+    async fn new(a: &AwsWorld, key: &str) -> Notifier {
+        use relink_aws::ingest::{IngestDeps, NotifyKey};
+        use relink_aws::registry::TableRegistry;
+        use relink_aws::sqs::SqsQueue;
+
+        let store = a.store().await;
+        let detect = a.queue_url(&format!("{}detect-mismatch", a.prefix)).await;
+        Notifier {
+            deps: IngestDeps {
+                registry: Arc::new(TableRegistry::new(store.clone())),
+                store: Arc::new(store),
+                queue: Arc::new(SqsQueue::new(
+                    a.sqs.clone(),
+                    HashMap::from([(Stage::DetectMismatch, detect)]),
+                )),
+                secret: NotifyKey::Value(relink_core::registry::Secret::new(key)),
+            },
+            key: key.into(),
+        }
+    }
+
+    /// Posts `body` signed with `key` at unix time `ts`.
+    async fn post_as(&self, body: &str, key: &[u8], ts: i64) -> relink_aws::ingest::Answer {
+        relink_aws::ingest::ingest(
+            &self.deps,
+            Some(&ts.to_string()),
+            Some(&relink_core::notify::sign(key, ts, body.as_bytes())),
+            body.as_bytes(),
+            jiff::Timestamp::now(),
+        )
+        .await
+    }
+
+    /// Posts `body` signed with the right key, now.
+    async fn post(&self, body: &str) -> relink_aws::ingest::Answer {
+        self.post_as(
+            body,
+            self.key.as_bytes(),
+            jiff::Timestamp::now().as_second(),
+        )
+        .await
+    }
+}
+
 #[tokio::test]
 async fn s16_forged_and_replayed_notifications() {
-    use relink_aws::ingest::{IngestDeps, NotifyKey, ingest};
-    use relink_aws::registry::TableRegistry;
-    use relink_aws::sqs::SqsQueue;
-    use relink_core::notify::sign;
-    use relink_core::registry::Secret;
-
     let (a, rows) = world(Spec {
         uat_rows: 500,
         registry_extra: "lcs_environment_id = \"8f1c-lcs-env\"".into(),
         ..Spec::default()
     })
     .await;
-    // The ingest function's own wiring, against the local stack.
-    let store = a.store().await;
-    let detect = a.queue_url(&format!("{}detect-mismatch", a.prefix)).await;
-    let hook = "hook-secret-5d1e";
-    let deps = IngestDeps {
-        registry: Arc::new(TableRegistry::new(store.clone())),
-        store: Arc::new(store),
-        queue: Arc::new(SqsQueue::new(
-            a.sqs.clone(),
-            HashMap::from([(Stage::DetectMismatch, detect)]),
-        )),
-        secret: NotifyKey::Value(Secret::new(hook)),
-    };
-    let post = async |body: &str, key: &[u8], ts: i64| {
-        ingest(
-            &deps,
-            Some(&ts.to_string()),
-            Some(&sign(key, ts, body.as_bytes())),
-            body.as_bytes(),
-            jiff::Timestamp::now(),
-        )
-        .await
-    };
+    let hook = "hook-secret-5d1e-0123456789abcdef-0123";
+    let n = Notifier::new(&a, hook).await;
+    let post = async |body: &str, key: &[u8], ts: i64| n.post_as(body, key, ts).await;
     let now = jiff::Timestamp::now().as_second();
     let refresh = r#"{"Name":"Refresh","Type":"SFSourceDbToSandbox","Status":"Completed","ActivityId":"act-77","EnvironmentId":"8F1C-LCS-ENV"}"#;
     let first = post(refresh, hook.as_bytes(), now).await;
@@ -1242,6 +1267,106 @@ async fn s23_nobody_can_say_which_fno_the_dataverse_is_linked_to() {
             also_secret: vec![],
         },
         "refused (fail closed) with the entry setting that would allow it named; no row touched",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s24_one_build_id_for_two_environments_starts_two_runs() {
+    let (a, rows) = world(Spec {
+        extra_envs: 1,
+        registry_extra: "lcs_environment_id = \"lcs-uat-1\"\n".into(),
+        ..Spec::default()
+    })
+    .await;
+    let n = Notifier::new(&a, "hook-secret-24-0123456789abcdef-01234").await;
+    let body = |env: &str| {
+        format!(r#"{{"environment_id":"{env}","operation":"refresh","operation_id":"build-4711"}}"#)
+    };
+    let first = n.post(&body(ENV)).await;
+    let second = n.post(&body("fan-001")).await;
+    assert_eq!(
+        (first.status, second.status),
+        (202, 202),
+        "{first:?} {second:?}"
+    );
+    assert_ne!(first.body["run_id"], second.body["run_id"]);
+    let replay = n.post(&body("fan-001")).await;
+    assert_eq!(
+        (replay.status, &replay.body["run_id"]),
+        (409, &second.body["run_id"]),
+        "a replay for the same environment is still a duplicate"
+    );
+    // A second entry claiming the same LCS environment is refused by `env push`.
+    let text = std::fs::read_to_string(&a.w.config).unwrap();
+    let twin = text
+        .split("\n[environments.")
+        .next()
+        .unwrap()
+        .replace(&format!("[environments.{ENV}]"), "[environments.twin]");
+    std::fs::write(&a.w.config, format!("{text}\n{twin}")).unwrap();
+    let out = a.relink(&["env", "push", "twin"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("lcs_environment_id"), "{out:?}");
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    let runs: Vec<_> = [&first, &second]
+        .iter()
+        .map(|r| r.body["run_id"].as_str().unwrap().to_string())
+        .collect();
+    a.conclude(
+        Scenario {
+            id: "24-one-build-two-environments",
+            title: "One build id refreshes two environments",
+            injected: "two signed notifications with one `operation_id` for two environments, a replay, and an `env push` of a second entry with the same `lcs_environment_id`",
+            runs: runs.into_iter().map(|r| (r, RunStatus::AwaitingConfirmation)).collect(),
+            rows_expected: rows,
+            kept_rows: 0,
+            also_secret: vec![n.key.clone()],
+        },
+        "two runs (dedup is per source, environment and operation id), the replay 409, the duplicate LCS id refused at push",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s25_died_between_claiming_a_notification_and_sending_its_event() {
+    let (a, rows) = world(Spec::default()).await;
+    let n = Notifier::new(&a, "hook-secret-25-0123456789abcdef-01234").await;
+    // The ingest invocation claimed the operation and died before sending the event.
+    let orphan = ulid::Ulid::new().to_string();
+    a.store()
+        .await
+        .claim_trigger("notification", &format!("{ENV}/build-99"), &orphan)
+        .await
+        .unwrap()
+        .unwrap();
+    let body =
+        format!(r#"{{"environment_id":"{ENV}","operation":"refresh","operation_id":"build-99"}}"#);
+    let retry = n.post(&body).await;
+    assert_eq!(
+        (retry.status, retry.body["run_id"].as_str()),
+        (202, Some(orphan.as_str())),
+        "the retry starts the claimed run: {retry:?}"
+    );
+    let again = n.post(&body).await;
+    assert_eq!(
+        again.status, 409,
+        "once sent, a repeat is a duplicate: {again:?}"
+    );
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    a.conclude(
+        Scenario {
+            id: "25-died-between-claim-and-send",
+            title: "Died between claiming a notification and sending its event",
+            injected: "a claim of the operation left by an invocation that died before sending; the sender retries",
+            runs: awaiting(&orphan),
+            rows_expected: rows,
+            kept_rows: 0,
+            also_secret: vec![n.key.clone()],
+        },
+        "the retry sent the claimed run's first event (202, same run id); the next repeat was 409; the run finished",
     )
     .await;
 }

@@ -22,7 +22,9 @@ use relink_aws::sqs::SqsQueue;
 use relink_aws::{QueueNames, stack};
 use relink_core::event::StageEvent;
 use relink_core::model::{Run, Stage};
-use relink_core::ports::{ArchivedRow, LeaseOwner, Lock, ProgressStore, Rejected, StageQueue};
+use relink_core::ports::{
+    ArchivedRow, Claimed, LeaseOwner, Lock, ProgressStore, Rejected, StageQueue,
+};
 use relink_core::progress::{Progress, ProgressSink};
 use relink_dynamics::{Http, HttpConnector, RetryPolicy};
 use relink_sim::{AppSeed, FnoSeed, OrgSeed, Seed, Sim};
@@ -132,8 +134,11 @@ impl ProgressStore for TimedStore {
     async fn note_waiting(&self, env: &str, run_id: &str, note: &str) -> R<()> {
         self.time(self.inner.note_waiting(env, run_id, note)).await
     }
-    async fn claim_trigger(&self, s: &str, op: &str, run_id: &str) -> R<Result<(), String>> {
+    async fn claim_trigger(&self, s: &str, op: &str, run_id: &str) -> R<Result<(), Claimed>> {
         self.time(self.inner.claim_trigger(s, op, run_id)).await
+    }
+    async fn mark_trigger_sent(&self, s: &str, op: &str, run_id: &str) -> R<()> {
+        self.time(self.inner.mark_trigger_sent(s, op, run_id)).await
     }
     async fn release_trigger(&self, s: &str, op: &str, run_id: &str) -> R<()> {
         self.time(self.inner.release_trigger(s, op, run_id)).await

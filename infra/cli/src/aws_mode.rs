@@ -108,12 +108,13 @@ impl Aws {
             Error::Config(format!("cannot read registry {}: {e}", config.display()))
         })?;
         let parsed = Registry::parse(&text, |_| Some("unused".into()))?;
+        // An LCS / Power Platform environment id may belong to one entry of the table only.
+        let stored = Registry::from_entries(&self.store.entries().await?);
         let mut entries = Vec::new();
         for env in envs {
-            entries.push((
-                env,
-                checked_entry(&text, &parsed, config, env, allow_env_secret)?,
-            ));
+            let entry = checked_entry(&text, &parsed, config, env, allow_env_secret)?;
+            stored.check_unique_ids(env, parsed.get(env)?)?;
+            entries.push((env, entry));
         }
         for (env, entry) in entries {
             self.store.put_entry(env, &entry).await?;

@@ -33,7 +33,7 @@ use serde_json::Value;
 use super::sdk_error;
 use relink_core::error::{Error, Result};
 use relink_core::model::Run;
-use relink_core::ports::{ArchivedRow, LeaseOwner, Lock, ProgressStore, Rejected};
+use relink_core::ports::{ArchivedRow, Claimed, LeaseOwner, Lock, ProgressStore, Rejected};
 
 /// How long runs, archives and other items are kept (the `expires_at` TTL).
 pub const RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
@@ -626,7 +626,7 @@ impl ProgressStore for DynamoStore {
         source: &str,
         operation_id: &str,
         run_id: &str,
-    ) -> Result<Result<(), String>> {
+    ) -> Result<Result<(), Claimed>> {
         let pk = format!("TRIGGER#{source}#{operation_id}");
         let res = self
             .client
@@ -644,9 +644,37 @@ impl ProgressStore for DynamoStore {
             Ok(_) => Ok(Ok(())),
             Err(e) if is_condition_failed(&e) => {
                 let item = self.get_item(pk, "TRIGGER").await?.unwrap_or_default();
-                Ok(Err(get_s(&item, "run_id").unwrap_or_default().to_string()))
+                Ok(Err(Claimed {
+                    run_id: get_s(&item, "run_id").unwrap_or_default().to_string(),
+                    sent: matches!(item.get("sent"), Some(AttributeValue::Bool(true))),
+                }))
             }
             Err(e) => Err(store_err("PutItem TRIGGER", &e)),
+        }
+    }
+
+    async fn mark_trigger_sent(
+        &self,
+        source: &str,
+        operation_id: &str,
+        run_id: &str,
+    ) -> Result<()> {
+        let res = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("PK", s(format!("TRIGGER#{source}#{operation_id}")))
+            .key("SK", s("TRIGGER"))
+            .update_expression("SET sent = :t")
+            .condition_expression("run_id = :run")
+            .expression_attribute_values(":t", AttributeValue::Bool(true))
+            .expression_attribute_values(":run", s(run_id))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failed(&e) => Ok(()),
+            Err(e) => Err(store_err("UpdateItem TRIGGER", &e)),
         }
     }
 

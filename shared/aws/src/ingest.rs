@@ -45,13 +45,30 @@ pub enum NotifyKey {
     Stored(Arc<SecretResolver>, String),
 }
 
+/// Shortest signing key accepted: an HMAC-SHA256 key should carry at least its output's 32
+/// bytes of entropy; a short one makes forged signatures guessable.
+pub const MIN_NOTIFY_KEY_BYTES: usize = 32;
+
 impl NotifyKey {
     async fn get(&self) -> Result<Secret> {
-        match self {
-            NotifyKey::Value(s) => Ok(s.clone()),
-            NotifyKey::Stored(store, arn) => store.get(arn).await,
-        }
+        let key = match self {
+            NotifyKey::Value(s) => s.clone(),
+            NotifyKey::Stored(store, arn) => store.get(arn).await?,
+        };
+        check_key(&key)?;
+        Ok(key)
     }
+}
+
+/// Refuses a signing key shorter than [`MIN_NOTIFY_KEY_BYTES`].
+fn check_key(key: &Secret) -> Result<()> {
+    if key.expose().len() < MIN_NOTIFY_KEY_BYTES {
+        return Err(relink_core::Error::Config(format!(
+            "the notification signing key is {} bytes; it must be at least {MIN_NOTIFY_KEY_BYTES} (e.g. openssl rand -hex 32)",
+            key.expose().len()
+        )));
+    }
+    Ok(())
 }
 
 /// An HTTP answer.
@@ -200,7 +217,11 @@ async fn ingest_deps() -> Result<IngestDeps> {
         Ok(arn) if !arn.is_empty() => {
             NotifyKey::Stored(Arc::new(SecretResolver::new(&config)), arn)
         }
-        _ => NotifyKey::Value(Secret::new(crate::env_var("RELINK_NOTIFY_SECRET")?)),
+        _ => {
+            let key = Secret::new(crate::env_var("RELINK_NOTIFY_SECRET")?);
+            check_key(&key)?;
+            NotifyKey::Value(key)
+        }
     };
     let registry: Arc<dyn RegistrySource> =
         Arc::new(crate::registry::TableRegistry::new(store.clone()));
@@ -219,7 +240,7 @@ mod tests {
     use relink_embedded::queue::MemQueue;
     use relink_embedded::sqlite::SqliteStore;
 
-    const SECRET: &str = "hook-secret";
+    const SECRET: &str = "hook-secret-of-at-least-32-bytes-0123";
 
     fn deps() -> (IngestDeps, Arc<MemQueue>) {
         let text = "[environments.uat]\nkind = \"uat\"\nfno_url = \"https://uat.operations.dynamics.com\"\ndataverse_url = \"https://uat.crm.dynamics.com\"\n\
@@ -263,6 +284,26 @@ mod tests {
         assert_eq!(again.status, 409);
         assert_eq!(again.body["run_id"], first.body["run_id"]);
         assert!(queue.pop().is_none(), "nothing enqueued twice");
+    }
+
+    #[tokio::test]
+    async fn a_signing_key_shorter_than_32_bytes_is_refused() {
+        let (mut deps, queue) = deps();
+        deps.secret = NotifyKey::Value(Secret::new("hook-secret"));
+        let body = r#"{"environment_id":"uat","operation":"refresh","operation_id":"x"}"#;
+        let now = Timestamp::now();
+        let sig = notify::sign(b"hook-secret", now.as_second(), body.as_bytes());
+        let a = ingest(
+            &deps,
+            Some(&now.as_second().to_string()),
+            Some(&sig),
+            body.as_bytes(),
+            now,
+        )
+        .await;
+        assert_eq!(a.status, 503, "{a:?}");
+        assert!(queue.pop().is_none());
+        assert!(check_key(&Secret::new("x".repeat(32))).is_ok());
     }
 
     #[tokio::test]

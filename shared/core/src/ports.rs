@@ -114,13 +114,17 @@ pub trait ProgressStore: Send + Sync {
             .count())
     }
     /// Records that a restore signal (`source`, `operation_id`) starts `run_id`, once: returns
-    /// the run id of an earlier claim when the signal was seen before.
+    /// the earlier claim when the signal was seen before.
     async fn claim_trigger(
         &self,
         source: &str,
         operation_id: &str,
         run_id: &str,
-    ) -> Result<Result<(), String>>;
+    ) -> Result<Result<(), Claimed>>;
+    /// Marks a claim's first event as sent; a claim left unmarked (its claimant died before
+    /// sending) is sent again by the next claimant of the signal.
+    async fn mark_trigger_sent(&self, source: &str, operation_id: &str, run_id: &str)
+    -> Result<()>;
     /// Undoes a claim of `run_id` whose event could not be sent, so the sender's retry can work.
     async fn release_trigger(&self, source: &str, operation_id: &str, run_id: &str) -> Result<()>;
     /// A named position (the restore watcher's "last seen" per environment and source).
@@ -138,6 +142,15 @@ pub trait ProgressStore: Send + Sync {
 pub trait StageQueue: Send + Sync {
     /// Enqueues the event for its stage.
     async fn send(&self, event: &StageEvent) -> Result<()>;
+}
+
+/// An earlier claim of a restore signal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claimed {
+    /// The run the claim started.
+    pub run_id: String,
+    /// Whether the run's first event was sent (as far as the claimant could record).
+    pub sent: bool,
 }
 
 /// A Dataverse organisation's identity (`RetrieveCurrentOrganization`).

@@ -13,7 +13,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use relink_core::error::{Error, Result};
 use relink_core::model::Run;
-use relink_core::ports::{ArchivedRow, LeaseOwner, Lock, ProgressStore, Rejected};
+use relink_core::ports::{ArchivedRow, Claimed, LeaseOwner, Lock, ProgressStore, Rejected};
 
 /// SQLite's errors as the store's, with SQLite's error as the source.
 trait Db<T> {
@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS triggers (
     operation_id TEXT NOT NULL,
     run_id TEXT NOT NULL,
     seen_at TEXT NOT NULL,
+    sent INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (source, operation_id)
 );
 CREATE TABLE IF NOT EXISTS cursors (
@@ -96,6 +97,12 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL").db()?;
         conn.pragma_update(None, "synchronous", "NORMAL").db()?;
         conn.execute_batch(SCHEMA).db()?;
+        // Stores made before claims recorded their send: add the column (fails if present).
+        conn.execute(
+            "ALTER TABLE triggers ADD COLUMN sent INTEGER NOT NULL DEFAULT 0",
+            [],
+        )
+        .ok();
         Ok(SqliteStore {
             conn: Mutex::new(conn),
         })
@@ -381,7 +388,7 @@ impl ProgressStore for SqliteStore {
         source: &str,
         operation_id: &str,
         run_id: &str,
-    ) -> Result<Result<(), String>> {
+    ) -> Result<Result<(), Claimed>> {
         let conn = self.conn();
         let n = conn.execute(
             "INSERT OR IGNORE INTO triggers (source, operation_id, run_id, seen_at) VALUES (?1, ?2, ?3, ?4)",
@@ -390,14 +397,32 @@ impl ProgressStore for SqliteStore {
         if n == 1 {
             return Ok(Ok(()));
         }
-        let existing: String = conn
+        let (run_id, sent): (String, i64) = conn
             .query_row(
-                "SELECT run_id FROM triggers WHERE source = ?1 AND operation_id = ?2",
+                "SELECT run_id, sent FROM triggers WHERE source = ?1 AND operation_id = ?2",
                 params![source, operation_id],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .db()?;
-        Ok(Err(existing))
+        Ok(Err(Claimed {
+            run_id,
+            sent: sent != 0,
+        }))
+    }
+
+    async fn mark_trigger_sent(
+        &self,
+        source: &str,
+        operation_id: &str,
+        run_id: &str,
+    ) -> Result<()> {
+        self.conn()
+            .execute(
+                "UPDATE triggers SET sent = 1 WHERE source = ?1 AND operation_id = ?2 AND run_id = ?3",
+                params![source, operation_id, run_id],
+            )
+            .db()?;
+        Ok(())
     }
 
     async fn release_trigger(&self, source: &str, operation_id: &str, run_id: &str) -> Result<()> {

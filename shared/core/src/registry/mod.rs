@@ -296,6 +296,11 @@ impl Registry {
                 .map_err(|e| Error::Config(format!("[environments.{id}]: {}", strip_prefix(e))))?;
             environments.insert(id, cfg);
         }
+        if let Some((a, b, field, value)) = shared_ids(environments.values()).into_iter().next() {
+            return Err(Error::Config(format!(
+                "[environments.{a}] and [environments.{b}] both set {field} = {value:?}: a notification for it could reach either; give each entry its own"
+            )));
+        }
         Ok(Registry {
             environments,
             invalid: BTreeMap::new(),
@@ -324,7 +329,34 @@ impl Registry {
                 }
             }
         }
+        // Two entries claiming one LCS / Power Platform environment: neither is trusted.
+        for (a, b, field, value) in shared_ids(registry.environments.values()) {
+            for (me, other) in [(&a, &b), (&b, &a)] {
+                let reason = format!(
+                    "{field} = {value:?} is also set on entry `{other}`: a notification could reach either"
+                );
+                tracing::error!(environment_id = %me, error = %reason, "invalid registry entry in the table");
+                registry.environments.remove(me);
+                registry.invalid.insert(me.clone(), reason);
+            }
+        }
         registry
+    }
+
+    /// Whether `entry` (to be stored as `id`) names an LCS or Power Platform environment that
+    /// another entry already names: `env push` refuses it with the other entry's id.
+    pub fn check_unique_ids(&self, id: &str, entry: &EnvConfig) -> Result<()> {
+        let others = self.iter().filter(|e| e.id != id);
+        match shared_ids(others.chain(std::iter::once(entry)))
+            .into_iter()
+            .find(|(a, b, _, _)| a == id || b == id)
+        {
+            Some((a, b, field, value)) => Err(Error::Config(format!(
+                "{field} = {value:?} of `{id}` is already set on entry `{}`; each LCS / Power Platform environment belongs to one entry",
+                if a == id { b } else { a }
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The `[environments.ID]` table of a registry file as JSON, validated, for storing in AWS.
@@ -372,6 +404,35 @@ impl Registry {
     pub fn iter(&self) -> impl Iterator<Item = &EnvConfig> {
         self.environments.values()
     }
+}
+
+/// Pairs of entries that set the same LCS or Power Platform environment id (compared as
+/// notifications compare them, ignoring case): (first id, second id, field, value).
+fn shared_ids<'a>(
+    entries: impl Iterator<Item = &'a EnvConfig>,
+) -> Vec<(String, String, &'static str, String)> {
+    let mut seen: BTreeMap<(&'static str, String), String> = BTreeMap::new();
+    let mut shared = Vec::new();
+    for e in entries {
+        for (field, value) in [
+            ("lcs_environment_id", &e.lcs_environment_id),
+            (
+                "power_platform_environment_id",
+                &e.power_platform_environment_id,
+            ),
+        ] {
+            let Some(v) = value else { continue };
+            match seen.entry((field, v.to_ascii_lowercase())) {
+                std::collections::btree_map::Entry::Occupied(o) => {
+                    shared.push((o.get().clone(), e.id.clone(), field, v.clone()));
+                }
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    slot.insert(e.id.clone());
+                }
+            }
+        }
+    }
+    shared
 }
 
 fn strip_prefix(e: Error) -> String {

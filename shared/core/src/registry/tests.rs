@@ -159,3 +159,46 @@ fn credentials_go_only_to_the_services_own_hosts() {
     assert!(!Receiver::Lcs.accepts("lcsapi.eu.evil.lcs.dynamics.com"));
     assert!(!Receiver::PowerPlatform.accepts("api.powerplatform.com.evil.example"));
 }
+
+#[test]
+fn one_lcs_or_power_platform_environment_belongs_to_one_entry() {
+    let second = GOOD
+        .replace("contoso-uat]", "contoso-test]")
+        .replace("contoso-uat.", "contoso-test.");
+    let text = format!(
+        "{}lcs_environment_id = \"ABC-1\"\n{}lcs_environment_id = \"abc-1\"\n",
+        GOOD, second
+    );
+    let e = err(&text);
+    assert!(
+        e.contains("contoso-test") && e.contains("contoso-uat") && e.contains("lcs_environment_id"),
+        "{e}"
+    );
+
+    // In the table, neither of two entries that share an id is trusted; the others still are.
+    let entry = |lcs: &str| {
+        let mut v = Registry::entry_json(GOOD, "contoso-uat").unwrap();
+        v["client_secret"] =
+            serde_json::json!({"secret_arn": "arn:aws:secretsmanager:eu-west-1:1:secret:x"});
+        v["power_platform_environment_id"] = lcs.into();
+        v
+    };
+    let reg = Registry::from_entries(&[
+        ("a".into(), entry("pp-1")),
+        ("b".into(), entry("PP-1")),
+        ("c".into(), entry("pp-2")),
+    ]);
+    for id in ["a", "b"] {
+        let e = reg.get(id).unwrap_err().to_string();
+        assert!(e.contains("power_platform_environment_id"), "{e}");
+    }
+    assert!(reg.get("c").is_ok());
+    // `env push` of a new entry naming an id the table already has is refused.
+    let pushed = Registry::from_entries(&[("d".into(), entry("pp-2"))]);
+    let e = reg
+        .check_unique_ids("d", pushed.get("d").unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`c`"), "{e}");
+    assert!(reg.check_unique_ids("c", reg.get("c").unwrap()).is_ok());
+}
