@@ -256,6 +256,7 @@ impl AwsWorld {
             owner_prefix: "lambda".into(),
             lease,
             handover_grace: relink_aws::lambda::HANDOVER_GRACE,
+            max_wait: relink_aws::lambda::MAX_BACKOFF,
         }
     }
 

@@ -247,6 +247,7 @@ pub async fn run(fan_out: usize) -> Result<String> {
             owner_prefix: "lambda".into(),
             lease: relink_aws::function_timeout(stage),
             handover_grace: HANDOVER_GRACE,
+            max_wait: relink_aws::lambda::MAX_BACKOFF,
         });
         for _ in 0..INSTANCES {
             pollers.push(tokio::spawn(poll(

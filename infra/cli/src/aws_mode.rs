@@ -274,6 +274,8 @@ impl Aws {
                 owner_prefix: local_owner().0,
                 lease: opts.visibility,
                 handover_grace: HANDOVER_GRACE,
+                // A local worker's visibility timeout is its retry interval: waits stay within it.
+                max_wait: opts.visibility,
             };
             let url = queue.url(stage).expect("every stage resolved").to_string();
             let poller = Poller {
@@ -291,12 +293,17 @@ impl Aws {
             self.names.prefix,
             Stage::ALL.map(|s| s.as_str()).join(",")
         );
+        let urls: Vec<String> = Stage::ALL
+            .iter()
+            .filter_map(|s| queue.url(*s).map(str::to_string))
+            .collect();
         let idle = async {
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 if let Some(limit) = opts.idle_exit
                     && busy.load(Ordering::SeqCst) == 0
                     && last_work.lock().expect("lock").elapsed() >= limit
+                    && !messages_pending(&sqs, &urls).await
                 {
                     return;
                 }
@@ -314,6 +321,32 @@ impl Aws {
         pollers.abort_all();
         Ok(crate::exit::OK)
     }
+}
+
+/// Whether any stage queue still holds a message, visible, in flight or delayed (an event that
+/// waits for another run's lock is a delayed message): an idle worker exits only when none is.
+async fn messages_pending(sqs: &aws_sdk_sqs::Client, urls: &[String]) -> bool {
+    use aws_sdk_sqs::types::QueueAttributeName as A;
+    for url in urls {
+        let Ok(out) = sqs
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(A::ApproximateNumberOfMessages)
+            .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
+            .attribute_names(A::ApproximateNumberOfMessagesDelayed)
+            .send()
+            .await
+        else {
+            return true;
+        };
+        if out
+            .attributes()
+            .is_some_and(|a| a.values().any(|v| v.parse::<u64>().unwrap_or(0) > 0))
+        {
+            return true;
+        }
+    }
+    false
 }
 
 async fn shutdown_signal() {

@@ -6,13 +6,15 @@
 //! | run pointer (run id -> environment, for `confirm`/`status --run`) | `RUN#{run_id}` | `RUN` |
 //! | lock | `ENV#{env}` | `LOCK` |
 //! | archive chunk | `ENV#{env}` | `ARCHIVE#{run_id}#{table}#{chunk ulid}` |
-//! | registry entry | `ENV#{env}` | `CONFIG` |
+//! | registry entry | `CONFIG#{env}` | `CONFIG` |
 //! | trigger seen (dedup of restore signals) | `TRIGGER#{source}#{operation_id}` | `TRIGGER` |
 //! | watcher cursor | `CURSOR#{env}/{source}` | `CURSOR` |
 //! | rejected message | `REJECTED` | `{received_at}#{message_id}` |
 //!
 //! Index `gsi1` (`gsi1pk`, `gsi1sk`) lists runs (`RUNS`, run id) and registry entries
-//! (`CONFIG`, env). Every state move is a conditional write; `expires_at` (epoch seconds) is
+//! (`CONFIG`, env). Registry entries have a partition of their own so that IAM can keep every
+//! function from writing them (`dynamodb:LeadingKeys` not `CONFIG#*`, template.yaml): only
+//! `relink env push` writes them. Every state move is a conditional write; `expires_at` (epoch seconds) is
 //! the TTL attribute and is also checked on read, since TTL deletion is lazy.
 //!
 //! One file over the usual length on purpose: it is one adapter, the `ProgressStore` port over
@@ -31,6 +33,7 @@ use jiff::Timestamp;
 use serde_json::Value;
 
 use super::sdk_error;
+use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use relink_core::error::{Error, Result};
 use relink_core::model::Run;
 use relink_core::ports::{ArchivedRow, Claimed, LeaseOwner, Lock, ProgressStore, Rejected};
@@ -73,14 +76,34 @@ fn env_pk(env: &str) -> String {
     format!("ENV#{env}")
 }
 
+fn config_pk(env: &str) -> String {
+    format!("CONFIG#{env}")
+}
+
 /// Whether an SDK error is a failed condition (a lost race, not a fault).
-fn is_condition_failed<E: std::error::Error>(e: &E) -> bool {
-    let text = sdk_error(e);
-    text.contains("ConditionalCheckFailed") || text.contains("conditional request failed")
+/// Whether a write failed on its condition, by the error's code (never by its text).
+fn is_condition_failed<E: ProvideErrorMetadata>(e: &E) -> bool {
+    e.code() == Some("ConditionalCheckFailedException")
+}
+
+/// Whether a transaction was cancelled because one of its conditions failed.
+fn is_transaction_condition_failed(
+    e: &aws_sdk_dynamodb::error::SdkError<
+        aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError,
+    >,
+) -> bool {
+    use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+    match e.as_service_error() {
+        Some(TransactWriteItemsError::TransactionCanceledException(t)) => t
+            .cancellation_reasons()
+            .iter()
+            .any(|r| r.code() == Some("ConditionalCheckFailed")),
+        _ => false,
+    }
 }
 
 /// A conditional write whose failed condition means "nothing to do" (not ours, already gone).
-fn unless_condition_failed<T, E: std::error::Error>(
+fn unless_condition_failed<T, E: std::error::Error + ProvideErrorMetadata>(
     res: std::result::Result<T, E>,
     op: &str,
 ) -> Result<()> {
@@ -140,8 +163,12 @@ impl DynamoStore {
             return Ok(None);
         }
         let body = get_s(item, "body").ok_or_else(|| Error::store("run item without body"))?;
-        let mut run: Run = serde_json::from_str(body)
-            .map_err(|e| Error::store(format!("unreadable run item: {e}")))?;
+        let mut run: Run = serde_json::from_str(body).map_err(|e| {
+            Error::Corrupt(format!(
+                "run item {}: {e}",
+                get_s(item, "SK").unwrap_or("?")
+            ))
+        })?;
         // Written beside the body by `note_waiting`; a put of the run drops it.
         if let Some(w) = get_s(item, "waiting") {
             run.waiting = Some(w.to_string());
@@ -226,7 +253,7 @@ impl DynamoStore {
         self.client
             .put_item()
             .table_name(&self.table)
-            .item("PK", s(env_pk(environment_id)))
+            .item("PK", s(config_pk(environment_id)))
             .item("SK", s("CONFIG"))
             .item("gsi1pk", s("CONFIG"))
             .item("gsi1sk", s(environment_id))
@@ -241,7 +268,7 @@ impl DynamoStore {
     /// One environment's registry entry (one read); `None` when the table has none. An entry
     /// that is not JSON is a configuration error of that environment only.
     pub async fn entry(&self, environment_id: &str) -> Result<Option<Value>> {
-        let Some(item) = self.get_item(env_pk(environment_id), "CONFIG").await? else {
+        let Some(item) = self.get_item(config_pk(environment_id), "CONFIG").await? else {
             return Ok(None);
         };
         let text = get_s(&item, "entry").unwrap_or_default();
@@ -309,7 +336,7 @@ impl ProgressStore for DynamoStore {
             .await
         {
             Ok(_) => Ok(()),
-            Err(e) if is_condition_failed(&e) => Err(Error::Conflict(format!(
+            Err(e) if is_transaction_condition_failed(&e) => Err(Error::Conflict(format!(
                 "run {} already exists",
                 run.run_id
             ))),

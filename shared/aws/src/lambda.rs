@@ -47,6 +47,9 @@ pub struct FunctionDeps {
     pub lease: Duration,
     /// How long a run keeps its environment between two stages.
     pub handover_grace: Duration,
+    /// The longest a failed or waiting message is held back ([`MAX_BACKOFF`] in Lambda; a local
+    /// worker uses its short visibility timeout).
+    pub max_wait: Duration,
 }
 
 /// What became of one record.
@@ -123,11 +126,74 @@ pub async fn handle_record(deps: &FunctionDeps, ctx: &Context, record: &SqsMessa
             tracing::info!(run_id = %h.run.run_id, status = %h.run.status, duplicate = h.duplicate, next = ?h.next.as_ref().map(|e| e.stage), "record handled");
             Disposition::Done
         }
+        Err(Error::LockHeld { holder, until, .. })
+            if event
+                .run_id
+                .as_deref()
+                .is_some_and(|r| !holder.starts_with(r)) =>
+        {
+            // Another run holds the environment: wait for it with a delayed copy of the event
+            // and acknowledge this one, so waiting uses up none of the receives that lead to the
+            // dead-letter queue.
+            let max = deps.max_wait.min(MAX_BACKOFF);
+            let delay = until
+                .parse::<Timestamp>()
+                .ok()
+                .and_then(|t| Duration::try_from(t - Timestamp::now()).ok())
+                .unwrap_or(LOCK_WAIT_MIN)
+                .clamp(LOCK_WAIT_MIN.min(max), max);
+            match deps.queue.send_later(&event, delay).await {
+                Ok(()) => {
+                    tracing::info!(holder = %holder, delay_s = delay.as_secs(), "environment held by another run; the event comes back later");
+                    Disposition::Done
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not queue the wait; the message will be delivered again");
+                    back_off(deps, record, None).await;
+                    Disposition::Retry
+                }
+            }
+        }
         Err(e) if e.is_retryable() => {
             tracing::warn!(error = %e, "retryable failure; the message will be delivered again");
+            let hint = match &e {
+                Error::Unavailable { retry_after, .. } => *retry_after,
+                _ => None,
+            };
+            back_off(deps, record, hint).await;
             Disposition::Retry
         }
         Err(e) => reject(deps, &message_id, body.len(), &e, Some(&event)).await,
+    }
+}
+
+/// The shortest wait for an environment another run holds.
+const LOCK_WAIT_MIN: Duration = Duration::from_secs(30);
+/// The longest backoff (SQS's longest delay).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(900);
+
+/// The wait before the `receives`-th delivery of a message that failed: 15 s, doubling with each
+/// receive, capped at 15 minutes, and never shorter than a service's `Retry-After`.
+pub fn backoff(receives: u32, hint: Option<Duration>) -> Duration {
+    let exp = Duration::from_secs(15).saturating_mul(1 << receives.saturating_sub(1).min(10));
+    exp.max(hint.unwrap_or_default()).min(MAX_BACKOFF)
+}
+
+/// Makes a failed message come back after [`backoff`] for its receive count, instead of after
+/// the queue's whole visibility timeout (6x the function's timeout). Best effort: if it fails,
+/// the visibility timeout applies.
+async fn back_off(deps: &FunctionDeps, record: &SqsMessage, hint: Option<Duration>) {
+    let Some(receipt) = record.receipt_handle.as_deref() else {
+        return;
+    };
+    let receives = record
+        .attributes
+        .get("ApproximateReceiveCount")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
+    let delay = backoff(receives, hint).min(deps.max_wait);
+    if let Err(e) = deps.queue.retry_later(deps.stage, receipt, delay).await {
+        tracing::warn!(error = %e, "could not shorten the visibility timeout");
     }
 }
 
@@ -202,6 +268,13 @@ impl FunctionDeps {
         if let Some(next) = stage.next() {
             urls.insert(next, crate::env_var("NEXT_QUEUE_URL")?);
         }
+        // The function's own queue: for backing off a failed message and for re-queuing an
+        // event that waits for another run (optional: without it the visibility timeout rules).
+        if let Ok(own) = std::env::var("QUEUE_URL")
+            && !own.is_empty()
+        {
+            urls.insert(stage, own);
+        }
         let sink: Arc<dyn ProgressSink> = Arc::new(TracingSink);
         let http = Arc::new(Http::new(RetryPolicy::default(), sink.clone())?);
         Ok(FunctionDeps {
@@ -219,6 +292,7 @@ impl FunctionDeps {
             owner_prefix: "lambda".into(),
             lease: crate::function_timeout(stage),
             handover_grace: HANDOVER_GRACE,
+            max_wait: MAX_BACKOFF,
         })
     }
 }
@@ -304,6 +378,7 @@ mod tests {
             owner_prefix: "test".into(),
             lease: Duration::from_secs(30),
             handover_grace: Duration::from_secs(30),
+            max_wait: MAX_BACKOFF,
         };
         Harness { deps, store, queue }
     }
@@ -382,7 +457,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_lock_held_by_another_run_becomes_a_batch_item_failure() {
+    async fn a_lock_held_by_another_run_requeues_the_event_without_using_a_receive() {
         let h = harness(Stage::DetectMismatch, true);
         h.store
             .acquire_lock(
@@ -395,12 +470,15 @@ mod tests {
             .unwrap()
             .unwrap();
         let resp = handle_batch(&h.deps, fixture("stale")).await.unwrap();
-        let failed: Vec<_> = resp
-            .batch_item_failures
-            .iter()
-            .map(|f| f.item_identifier.as_str())
-            .collect();
-        assert_eq!(failed, ["22222222-bbbb-4000-8000-000000000001"]);
+        assert!(
+            resp.batch_item_failures.is_empty(),
+            "the message is acknowledged: waiting must not count towards the dead-letter queue"
+        );
+        let again = h.queue.pop().expect("a delayed copy of the event");
+        assert_eq!(
+            (again.stage, again.run_id.as_deref()),
+            (Stage::DetectMismatch, Some("01JDQ4N9Z3W8B7C6X5V4T3S2R1"))
+        );
         let run = h
             .store
             .get_run("01JDQ4N9Z3W8B7C6X5V4T3S2R1")
@@ -412,6 +490,19 @@ mod tests {
             waiting.contains("held by run 01JDQ4N9Z3W8B7C6X5V4T3S2R0"),
             "{waiting}"
         );
+    }
+
+    #[test]
+    fn the_backoff_grows_with_the_receive_count_and_respects_retry_after() {
+        assert_eq!(backoff(1, None), Duration::from_secs(15));
+        assert_eq!(backoff(3, None), Duration::from_secs(60));
+        assert_eq!(backoff(99, None), MAX_BACKOFF);
+        assert_eq!(backoff(0, None), Duration::from_secs(15));
+        assert_eq!(
+            backoff(1, Some(Duration::from_secs(120))),
+            Duration::from_secs(120)
+        );
+        assert_eq!(backoff(1, Some(Duration::from_secs(1 << 40))), MAX_BACKOFF);
     }
 
     #[tokio::test]

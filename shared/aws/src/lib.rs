@@ -144,6 +144,28 @@ mod tests {
         );
         assert_eq!(template.matches("ReportBatchItemFailures").count(), 4);
         assert!(template.contains(&format!("IndexName: {}", dynamo::GSI1)));
+        // Least privilege: every statement that may write items is held to its partitions (no
+        // function writes registry entries), each stage function may move only its own queue's
+        // messages, and the public function has reserved concurrency.
+        for statement in template.split("- Sid: ").skip(1) {
+            let statement = statement.split("\n        - ").next().unwrap_or_default();
+            if [
+                "dynamodb:PutItem",
+                "dynamodb:UpdateItem",
+                "dynamodb:DeleteItem",
+            ]
+            .iter()
+            .any(|a| statement.contains(a))
+            {
+                assert!(
+                    statement.contains("dynamodb:LeadingKeys"),
+                    "a write statement without LeadingKeys: {statement}"
+                );
+            }
+        }
+        assert_eq!(template.matches("ForAllValues:StringNotLike").count(), 4);
+        assert_eq!(template.matches("QUEUE_URL: !Ref ").count(), 4 + 3 + 2);
+        assert!(template.contains("ReservedConcurrentExecutions: !Ref IngestConcurrency"));
         assert!(template.contains("AttributeName: expires_at"));
         assert_eq!(
             QueueNames {

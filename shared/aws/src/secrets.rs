@@ -38,8 +38,12 @@ impl SecretResolver {
             return Ok(s.clone());
         }
         let out = self.client.get_secret_value().secret_id(arn).send().await.map_err(|e| {
+            use aws_sdk_secretsmanager::error::ProvideErrorMetadata;
             let text = sdk_error(&e);
-            if text.contains("ResourceNotFound") || text.contains("AccessDenied") {
+            if matches!(
+                e.code(),
+                Some("ResourceNotFoundException" | "AccessDeniedException" | "DecryptionFailure")
+            ) {
                 Error::Config(format!("cannot read the client secret {arn}: {text}; check the ARN and the function's secretsmanager:GetSecretValue permission"))
             } else {
                 Error::store(format!("Secrets Manager: {text}"))

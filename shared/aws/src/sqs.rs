@@ -42,8 +42,14 @@ impl SqsQueue {
 /// Looks a queue URL up by name, with an error that says how to create the queue.
 pub async fn queue_url(client: &aws_sdk_sqs::Client, name: &str) -> Result<String> {
     let out = client.get_queue_url().queue_name(name).send().await.map_err(|e| {
+        use aws_sdk_sqs::error::ProvideErrorMetadata;
         let text = sdk_error(&e);
-        if text.contains("NonExistentQueue") || text.contains("QueueDoesNotExist") {
+        if e.as_service_error().is_some_and(|s| s.is_queue_does_not_exist())
+            || matches!(
+                e.code(),
+                Some("AWS.SimpleQueueService.NonExistentQueue" | "QueueDoesNotExist")
+            )
+        {
             Error::Config(format!("SQS queue {name} does not exist: deploy template.yaml, or run `relink local-stack create` against a local stack"))
         } else {
             Error::store(format!("SQS GetQueueUrl {name}: {text}"))
@@ -62,20 +68,27 @@ fn attr(v: &str) -> MessageAttributeValue {
         .expect("data type and value are set")
 }
 
+impl SqsQueue {
+    fn url_of(&self, stage: Stage) -> Result<&String> {
+        self.urls
+            .get(&stage)
+            .ok_or_else(|| Error::Config(format!("this process has no queue for stage {stage}")))
+    }
+}
+
+/// SQS's longest message delay and the longest visibility change relink asks for.
+const MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(900);
+
 #[async_trait]
 impl StageQueue for SqsQueue {
-    async fn send(&self, event: &StageEvent) -> Result<()> {
-        let url = self.urls.get(&event.stage).ok_or_else(|| {
-            Error::Config(format!(
-                "this process has no queue for stage {}",
-                event.stage
-            ))
-        })?;
+    async fn send_later(&self, event: &StageEvent, delay: std::time::Duration) -> Result<()> {
+        let url = self.url_of(event.stage)?;
         let mut req = self
             .client
             .send_message()
             .queue_url(url)
             .message_body(event.to_body())
+            .delay_seconds(delay.min(MAX_DELAY).as_secs() as i32)
             .message_attributes("environment_id", attr(&event.environment_id))
             .message_attributes("stage", attr(event.stage.as_str()));
         if let Some(run) = &event.run_id {
@@ -85,5 +98,27 @@ impl StageQueue for SqsQueue {
             .await
             .map_err(|e| Error::store(format!("SQS SendMessage to {url}: {}", sdk_error(&e))))?;
         Ok(())
+    }
+
+    async fn retry_later(
+        &self,
+        stage: Stage,
+        receipt_handle: &str,
+        delay: std::time::Duration,
+    ) -> Result<()> {
+        let url = self.url_of(stage)?;
+        self.client
+            .change_message_visibility()
+            .queue_url(url)
+            .receipt_handle(receipt_handle)
+            .visibility_timeout(delay.min(MAX_DELAY).as_secs() as i32)
+            .send()
+            .await
+            .map_err(|e| Error::store(format!("SQS ChangeMessageVisibility: {}", sdk_error(&e))))?;
+        Ok(())
+    }
+
+    async fn send(&self, event: &StageEvent) -> Result<()> {
+        self.send_later(event, std::time::Duration::ZERO).await
     }
 }

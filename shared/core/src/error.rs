@@ -74,6 +74,11 @@ pub enum Error {
         source: Option<BoxError>,
     },
     /// A run id that the store does not know.
+    /// A record in the progress store that cannot be decoded: retrying reads the same bytes, so
+    /// it is permanent (recorded and acknowledged, not retried into the dead-letter queue).
+    #[error("progress store: unreadable record: {0}")]
+    Corrupt(String),
+
     #[error("run {0} not found in the progress store")]
     RunNotFound(String),
     /// The run is not in a state that allows the request.

@@ -142,6 +142,23 @@ pub trait ProgressStore: Send + Sync {
 pub trait StageQueue: Send + Sync {
     /// Enqueues the event for its stage.
     async fn send(&self, event: &StageEvent) -> Result<()>;
+    /// Enqueues the event as a new message delivered after `delay` (at most 15 minutes): a wait
+    /// that must not count against the receives of the message it replaces.
+    async fn send_later(&self, event: &StageEvent, delay: std::time::Duration) -> Result<()> {
+        let _ = delay;
+        self.send(event).await
+    }
+    /// Lets a received message of `stage`'s queue come back after `delay` instead of after the
+    /// queue's whole visibility timeout (a backoff between retries). Best effort.
+    async fn retry_later(
+        &self,
+        stage: crate::model::Stage,
+        receipt_handle: &str,
+        delay: std::time::Duration,
+    ) -> Result<()> {
+        let _ = (stage, receipt_handle, delay);
+        Ok(())
+    }
 }
 
 /// An earlier claim of a restore signal.

@@ -39,16 +39,42 @@ pub struct PartResponse {
     pub body: String,
 }
 
-/// Decodes a batch response into per-operation answers, in order (change sets flattened).
+/// Most answers one batch response may carry: relink sends at most 1,000 operations.
+const MAX_PARTS: usize = 2_000;
+
+/// Decodes a batch response into per-operation answers, in order (change sets flattened). OData
+/// nests one level only (a change set inside the batch); deeper nesting, or more parts than a
+/// batch relink sends could answer, is a protocol error, so a server cannot exhaust the stack
+/// or memory.
 pub fn decode_response(content_type: &str, body: &str) -> Result<Vec<PartResponse>> {
+    let mut out = Vec::new();
+    decode_into(content_type, body, 0, &mut out)?;
+    Ok(out)
+}
+
+fn decode_into(
+    content_type: &str,
+    body: &str,
+    depth: usize,
+    out: &mut Vec<PartResponse>,
+) -> Result<()> {
     let boundary = boundary_of(content_type)
         .ok_or_else(|| protocol(format!("no boundary in {content_type:?}")))?;
-    let mut out = Vec::new();
     for part in split_parts(body, &boundary)? {
+        if out.len() >= MAX_PARTS {
+            return Err(protocol(format!(
+                "the batch response has more than {MAX_PARTS} parts"
+            )));
+        }
         let (headers, payload) = split_head(part);
         let ctype = header(headers, "content-type").unwrap_or_default();
         if ctype.to_ascii_lowercase().starts_with("multipart/mixed") {
-            out.extend(decode_response(&ctype, payload)?);
+            if depth >= 1 {
+                return Err(protocol(
+                    "a change set nested inside a change set: OData allows one level".into(),
+                ));
+            }
+            decode_into(&ctype, payload, depth + 1, out)?;
             continue;
         }
         // payload: "HTTP/1.1 204 No Content\r\nheaders\r\n\r\nbody"
@@ -64,7 +90,7 @@ pub fn decode_response(content_type: &str, body: &str) -> Result<Vec<PartRespons
             body: inner_body.trim().to_string(),
         });
     }
-    Ok(out)
+    Ok(())
 }
 
 fn protocol(detail: String) -> Error {
@@ -148,6 +174,28 @@ mod tests {
         assert_eq!(parts[0].status, 204);
         assert_eq!(parts[1].status, 404);
         assert!(parts[1].body.contains("Does Not Exist"));
+    }
+
+    #[test]
+    fn nesting_deeper_than_a_change_set_is_refused_without_recursing() {
+        // 30,000 nested multiparts: refused at the second level, not by a stack overflow.
+        let mut body = String::new();
+        for i in 0..30_000 {
+            body.push_str(&format!(
+                "--b{i}\r\nContent-Type: multipart/mixed; boundary=b{}\r\n\r\n",
+                i + 1
+            ));
+        }
+        for i in (0..30_000).rev() {
+            body.push_str(&format!("--b{i}--\r\n"));
+        }
+        let e = decode_response("multipart/mixed; boundary=b0", &body).unwrap_err();
+        assert!(e.to_string().contains("nested"), "{e}");
+        let one =
+            "--c\r\nContent-Type: application/http\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n\r\n";
+        let many = format!("{}--c--\r\n", one.repeat(MAX_PARTS + 1));
+        let e = decode_response("multipart/mixed; boundary=c", &many).unwrap_err();
+        assert!(e.to_string().contains("parts"), "{e}");
     }
 
     #[test]

@@ -138,7 +138,7 @@ fn owner_only(path: &Path) -> Result<()> {
 }
 
 fn decode(body: String) -> Result<Run> {
-    serde_json::from_str(&body).map_err(|e| Error::store(format!("unreadable run record: {e}")))
+    serde_json::from_str(&body).map_err(|e| Error::Corrupt(format!("run record: {e}")))
 }
 
 fn encode(run: &Run) -> String {
