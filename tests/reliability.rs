@@ -1370,3 +1370,43 @@ async fn s25_died_between_claiming_a_notification_and_sending_its_event() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn s26_a_clear_that_outlasts_its_invocation_continues_in_a_new_one() {
+    let (a, rows) = world(Spec {
+        uat_rows: 3000,
+        registry_extra: "limits = { dataverse_batch_size = 250, dataverse_concurrency = 1 }".into(),
+        ..Spec::default()
+    })
+    .await;
+    // Each delete takes 2 ms: a 250-row batch half a second, the clear about six seconds, while
+    // an invocation of the time-boxed worker lasts its 3 s visibility timeout.
+    a.w.sim.set_faults(Faults {
+        per_op_latency_ms: 2,
+        ..Faults::default()
+    });
+    let run_id = a.inject(ENV).await;
+    let worker = a.drain(&["--time-box"]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    let run = a.status_json(&["--run", &run_id]).await;
+    let clear = stage(&run, "clear-dataverse-configs");
+    let invocations = clear["attempts"].as_u64().unwrap();
+    assert!(invocations >= 3, "the clear handed over: {run}");
+    assert_eq!(
+        clear["outcome"]["deleted"], 3000,
+        "the outcome counts every invocation: {run}"
+    );
+    a.conclude(
+        Scenario {
+            id: "26-long-clear-continues",
+            title: "A clear that outlasts its invocation",
+            injected: "3,000 rows at 2 ms per delete against invocations of 3 s (the worker's time box, as Lambda's deadline)",
+            runs: awaiting(&run_id),
+            rows_expected: rows,
+            kept_rows: 0,
+            also_secret: vec![],
+        },
+        "each invocation stopped dispatching before its deadline, drained, recorded and sent its own event again (a fresh message); the run finished with deleted 3000 across the invocations",
+    )
+    .await;
+}

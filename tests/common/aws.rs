@@ -257,6 +257,7 @@ impl AwsWorld {
             lease,
             handover_grace: relink_aws::lambda::HANDOVER_GRACE,
             max_wait: relink_aws::lambda::MAX_BACKOFF,
+            time_boxed: true,
         }
     }
 

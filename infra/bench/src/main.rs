@@ -238,6 +238,7 @@ async fn relink_clear(env: &EnvConfig, http: Arc<Http>, dir: &Path) -> Result<us
         fno: fno.as_ref(),
         reset: &ManualReset,
         sink: &Quiet,
+        stop_at: None,
     };
     let report = stages::clear_configs(&ctx).await?;
     Ok(report.outcome["deleted"].as_u64().unwrap_or(0) as usize)

@@ -248,6 +248,7 @@ pub async fn run(fan_out: usize) -> Result<String> {
             lease: relink_aws::function_timeout(stage),
             handover_grace: HANDOVER_GRACE,
             max_wait: relink_aws::lambda::MAX_BACKOFF,
+            time_boxed: true,
         });
         for _ in 0..INSTANCES {
             pollers.push(tokio::spawn(poll(

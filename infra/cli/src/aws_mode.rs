@@ -244,6 +244,7 @@ impl Aws {
             lease: Duration::from_secs(60),
             handover_grace: HANDOVER_GRACE,
             deadline: None,
+            stage_deadline: None,
         };
         engine.confirm(run_id).await
     }
@@ -276,6 +277,7 @@ impl Aws {
                 handover_grace: HANDOVER_GRACE,
                 // A local worker's visibility timeout is its retry interval: waits stay within it.
                 max_wait: opts.visibility,
+                time_boxed: opts.time_box,
             };
             let url = queue.url(stage).expect("every stage resolved").to_string();
             let poller = Poller {
@@ -373,6 +375,8 @@ pub struct WorkerOpts {
     pub wait: Duration,
     /// Visibility timeout asked for received messages, and the handler's deadline.
     pub visibility: Duration,
+    /// Long stages hand over to a new delivery before the visibility timeout, as in Lambda.
+    pub time_box: bool,
     /// Exit when every queue has been empty this long (tests, one-shot jobs).
     pub idle_exit: Option<Duration>,
     /// Hand every batch to the handler twice, concurrently (at-least-once delivery drills).

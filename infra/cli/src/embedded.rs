@@ -68,6 +68,7 @@ impl Embedded {
             lease: LEASE,
             handover_grace: LEASE,
             deadline: None,
+            stage_deadline: None,
         }
     }
 

@@ -128,6 +128,10 @@ enum Command {
         /// Hand every batch to the handler twice, concurrently (an at-least-once delivery drill).
         #[arg(long)]
         deliver_twice: bool,
+        /// Long stages hand over to a new delivery before the visibility timeout runs out, as
+        /// in Lambda before the function's deadline (off: a local worker runs stages to the end).
+        #[arg(long)]
+        time_box: bool,
     },
     /// AWS mode: send an event to a stage queue (a rerun, or a run started by hand).
     Inject {
@@ -285,6 +289,7 @@ async fn aws_dispatch(
             visibility_secs,
             idle_exit_secs,
             deliver_twice,
+            time_box,
         } => {
             let opts = aws_mode::WorkerOpts {
                 batch_size,
@@ -292,6 +297,7 @@ async fn aws_dispatch(
                 visibility: Duration::from_secs(visibility_secs.max(1)),
                 idle_exit: idle_exit_secs.map(Duration::from_secs),
                 deliver_twice,
+                time_box,
             };
             aws.worker(opts).await
         }

@@ -235,6 +235,13 @@ pub(crate) fn dataverse(
                 last = Some(*id);
             }
             let mut v = json!({"@odata.context": format!("{root}$metadata#{RUNTIME_SET}({})", cols.join(",")), "value": rows});
+            if query_param(query, "$count").as_deref() == Some("true") {
+                // Dataverse counts at most 5,000 rows and says when there are more.
+                v["@odata.count"] = json!(o.rows.len().min(5000));
+                if o.rows.len() > 5000 {
+                    v["@Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded"] = json!(true);
+                }
+            }
             if more && let Some(last) = last {
                 let cookie = format!(
                     "<cookie pagenumber=\"2\" pagingcookie=\"%3ccookie%20page%3d%221%22%3e%3cmsdyn_dualwriteruntimeconfigid%20last%3d%22%7b{last}%7d%22%20first%3d%22%7b0%7d%22%20%2f%3e%3c%2fcookie%3e\" istracking=\"False\" />"

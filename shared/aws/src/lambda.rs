@@ -50,6 +50,9 @@ pub struct FunctionDeps {
     /// The longest a failed or waiting message is held back ([`MAX_BACKOFF`] in Lambda; a local
     /// worker uses its short visibility timeout).
     pub max_wait: Duration,
+    /// Whether long stages hand over to a new invocation before the deadline (Lambda: yes; a
+    /// local worker only with `--time-box`).
+    pub time_boxed: bool,
 }
 
 /// What became of one record.
@@ -106,6 +109,9 @@ pub async fn handle_record(deps: &FunctionDeps, ctx: &Context, record: &SqsMessa
         ));
         return reject(deps, &message_id, body.len(), &e, Some(&event)).await;
     }
+    let deadline = (ctx.deadline > 0)
+        .then(|| Timestamp::from_millisecond(ctx.deadline as i64).ok())
+        .flatten();
     let engine = Engine {
         registry: deps.registry.as_ref(),
         store: deps.store.as_ref(),
@@ -117,9 +123,8 @@ pub async fn handle_record(deps: &FunctionDeps, ctx: &Context, record: &SqsMessa
         owner: LeaseOwner(format!("{}#{}", deps.owner_prefix, ulid::Ulid::new())),
         lease: deps.lease,
         handover_grace: deps.handover_grace,
-        deadline: (ctx.deadline > 0)
-            .then(|| Timestamp::from_millisecond(ctx.deadline as i64).ok())
-            .flatten(),
+        deadline,
+        stage_deadline: deadline.filter(|_| deps.time_boxed),
     };
     match engine.handle(&event).await {
         Ok(h) => {
@@ -293,6 +298,7 @@ impl FunctionDeps {
             lease: crate::function_timeout(stage),
             handover_grace: HANDOVER_GRACE,
             max_wait: MAX_BACKOFF,
+            time_boxed: true,
         })
     }
 }
@@ -379,6 +385,7 @@ mod tests {
             lease: Duration::from_secs(30),
             handover_grace: Duration::from_secs(30),
             max_wait: MAX_BACKOFF,
+            time_boxed: false,
         };
         Harness { deps, store, queue }
     }

@@ -35,6 +35,9 @@ pub struct Engine<'a> {
     /// When the invocation must end (Lambda deadline): leases never outlive it, so a timed-out
     /// attempt can be taken over as soon as it is dead.
     pub deadline: Option<Timestamp>,
+    /// The end of the time a long stage may use before it hands over to a new invocation (the
+    /// Lambda deadline); `None` lets stages run to the end (embedded mode, a local worker).
+    pub stage_deadline: Option<Timestamp>,
 }
 
 /// What handling an event did.
@@ -47,6 +50,9 @@ pub struct Handled {
     /// True when the event was a duplicate and nothing ran.
     pub duplicate: bool,
 }
+
+/// Time kept for draining and recording before an invocation's deadline.
+const DRAIN_MARGIN: Duration = Duration::from_secs(120);
 
 impl Engine<'_> {
     /// Handles one stage event. Permanent failures (guards, bad environment state) are recorded
@@ -220,6 +226,16 @@ impl Engine<'_> {
         }
     }
 
+    /// When a long stage stops sending work: early enough before the invocation's deadline to
+    /// drain what is in flight (a `$batch` is sized to take at most 30 s) and record its
+    /// progress: two minutes before, or half the time left if that is less than four minutes.
+    fn stop_at(&self) -> Option<Timestamp> {
+        let deadline = self.stage_deadline?;
+        let left = Duration::try_from(deadline - Timestamp::now()).unwrap_or(Duration::ZERO);
+        let margin = DRAIN_MARGIN.min(left / 2);
+        deadline.checked_sub(margin).ok()
+    }
+
     /// The lease to ask for now: the configured one, cut at the deadline.
     fn lease_now(&self) -> Duration {
         match self.deadline {
@@ -343,6 +359,7 @@ impl Engine<'_> {
             fno: fno.as_ref(),
             reset: self.reset,
             sink: self.sink,
+            stop_at: self.stop_at(),
         };
         match stage {
             Stage::DetectMismatch => stages::detect(&ctx).await,
@@ -387,6 +404,8 @@ impl Engine<'_> {
                 run.instructions = Some(instructions.clone());
                 run.set_status(RunStatus::AwaitingConfirmation)?;
             }
+            // The stage stays running; its own event continues it in a new invocation.
+            Then::Again => next = Some(stage),
         }
         if run.status == RunStatus::Succeeded {
             run.instructions = None;
@@ -503,6 +522,7 @@ impl Engine<'_> {
             fno: fno.as_ref(),
             reset: self.reset,
             sink: self.sink,
+            stop_at: None,
         };
         match self
             .with_lease(env, &run.run_id, stages::verify(&ctx))

@@ -249,6 +249,12 @@ pub trait DataverseApi: Send + Sync {
     async fn first_page(&self, set: &EntitySet, page_size: usize) -> Result<Page>;
     /// Follows an `@odata.nextLink`.
     async fn next_page(&self, next_link: &str, page_size: usize) -> Result<Page>;
+    /// How many runtime-config rows there are, without reading them: `(count, more)`, where
+    /// `more` says the service stopped counting at `count` (Dataverse counts up to 5,000).
+    async fn count_rows(&self, set: &EntitySet) -> Result<(usize, bool)> {
+        let page = self.first_page(set, 5000).await?;
+        Ok((page.rows.len(), page.next_link.is_some()))
+    }
     /// Deletes rows by id in one `$batch`.
     async fn delete_batch(&self, set: &EntitySet, ids: &[String]) -> Result<BatchOutcome>;
     /// The client's pacing to the service protection limits, if it paces.

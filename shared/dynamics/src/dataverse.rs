@@ -296,6 +296,29 @@ impl DataverseApi for DataverseClient {
         self.page(v)
     }
 
+    async fn count_rows(&self, set: &EntitySet) -> Result<(usize, bool)> {
+        let mut url = self.api.join(&set.name).expect("validated name");
+        url.query_pairs_mut()
+            .append_pair("$select", &set.primary_id)
+            .append_pair("$count", "true");
+        let v = self
+            .get(url, Some(1))
+            .await?
+            .ok_or_else(|| protocol("the runtime-config entity set answered 404"))?;
+        let capped = v
+            .get("@Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        match v.get("@odata.count").and_then(Value::as_u64) {
+            Some(n) => Ok((usize::try_from(n).unwrap_or(usize::MAX), capped)),
+            // No count in the answer: say what the one-row page shows.
+            None => Ok((
+                v.get("value").and_then(Value::as_array).map_or(0, Vec::len),
+                v.get("@odata.nextLink").is_some(),
+            )),
+        }
+    }
+
     async fn next_page(&self, next_link: &str, page_size: usize) -> Result<Page> {
         let url = same_origin_link(&self.api, next_link)?;
         let v = self

@@ -5,6 +5,7 @@
 use relink_core::Error;
 use relink_core::fakes::{DV, FakeDataverse, FakeFno, dataverse, env, fno};
 use relink_core::model::{Run, RunOptions, RunStatus, StageStatus, Trigger};
+use relink_core::ports::ProgressStore;
 use relink_core::progress::TracingSink;
 use relink_core::stages::*;
 use relink_embedded::SqliteStore;
@@ -40,6 +41,7 @@ async fn with_env<T>(
         fno,
         reset: &ManualReset,
         sink: &TracingSink,
+        stop_at: None,
     };
     f(&ctx).await
 }
@@ -291,6 +293,42 @@ async fn a_row_that_stays_after_its_delete_answered_ends_the_stage_with_the_row_
 }
 
 #[tokio::test]
+async fn a_stage_out_of_time_hands_over_with_its_progress_recorded() {
+    let (dv, f) = (dataverse(25), fno(&[]));
+    let env = env();
+    let store = SqliteStore::in_memory().unwrap();
+    let run = Run::new(
+        "01JDQ4N9Z3W8B7C6X5V4T3S2R1".into(),
+        "uat".into(),
+        RunOptions::default(),
+        Trigger::default(),
+    );
+    let ctx = StageCtx {
+        env: &env,
+        run: &run,
+        store: &store,
+        dataverse: &dv,
+        fno: &f,
+        reset: &ManualReset,
+        sink: &TracingSink,
+        stop_at: Some(jiff::Timestamp::now()),
+    };
+    let r = clear_configs(&ctx).await.unwrap();
+    assert_eq!((r.status, r.then), (StageStatus::Running, Then::Again));
+    assert_eq!(r.outcome["continues"], true);
+    assert_eq!(
+        dv.rows.lock().unwrap().len(),
+        25,
+        "nothing sent after the time ran out"
+    );
+    assert_eq!(
+        store.archived(&run.run_id).await.unwrap().len(),
+        10,
+        "the page read is archived"
+    );
+}
+
+#[tokio::test]
 async fn ghost_rows_are_not_counted_as_deleted_twice() {
     let mut dv = dataverse(3);
     dv.ghosts = vec!["0001".into()];
@@ -305,8 +343,13 @@ async fn ghost_rows_are_not_counted_as_deleted_twice() {
 async fn paging_that_comes_back_to_a_link_ends_with_an_error() {
     let mut dv = dataverse(25);
     dv.looping = true;
-    let e = with_ctx(&dv, &fno(&[]), RunOptions::default(), async |c| {
-        detect(c).await.unwrap_err()
+    // Detection asks the service for a count and reads no page; a dry run counts by paging.
+    let dry = RunOptions {
+        dry_run: true,
+        ..RunOptions::default()
+    };
+    let e = with_ctx(&dv, &fno(&[]), dry, async |c| {
+        clear_configs(c).await.unwrap_err()
     })
     .await;
     assert!(e.to_string().contains("already followed"), "{e}");

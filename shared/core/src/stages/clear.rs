@@ -87,13 +87,25 @@ pub async fn clear_configs(ctx: &StageCtx<'_>) -> Result<StageReport> {
         )
         .await?
     };
+    let mut outcome = tally.outcome(dry);
+    outcome["guards"] = json!(guards);
+    if tally.interrupted {
+        return Ok(StageReport {
+            status: StageStatus::Running,
+            outcome,
+            then: Then::Again,
+            summary: format!(
+                "{DATAVERSE_TABLE}: {} deleted in this invocation; the rest continues in a new one",
+                tally.deleted
+            ),
+            error: None,
+        });
+    }
     let summary = format!(
         "{DATAVERSE_TABLE}: {} {}",
         tally.found,
         if dry { "would be deleted" } else { "deleted" }
     );
-    let mut outcome = tally.outcome(dry);
-    outcome["guards"] = json!(guards);
     Ok(StageReport {
         status: StageStatus::Succeeded,
         outcome,

@@ -61,7 +61,20 @@ pub async fn inspect(
             None => break,
         }
     }
-    let dv_rows = count_dataverse(env, dv, sink).await?;
+    // Counted by the service, not by reading every row (a stale link can leave 200,000).
+    let (dv_rows, dv_more) = match dv.runtime_config_set().await? {
+        Some(set) => dv.count_rows(&set).await?,
+        None => (0, false),
+    };
+    sink.emit(Progress::Found {
+        table: DATAVERSE_TABLE,
+        rows: dv_rows,
+    });
+    let dv_shown = if dv_more {
+        format!("{dv_rows}+")
+    } else {
+        dv_rows.to_string()
+    };
     let (stale, reason) = if elsewhere > 0 {
         (
             true,
@@ -74,14 +87,14 @@ pub async fn inspect(
         (
             true,
             format!(
-                "F&O has no dual-write project configuration but Dataverse holds {dv_rows} runtime configurations from an earlier link"
+                "F&O has no dual-write project configuration but Dataverse holds {dv_shown} runtime configurations from an earlier link"
             ),
         )
     } else {
         (
             false,
             format!(
-                "{total} F&O project configurations all point at {here}; {dv_rows} Dataverse runtime configurations"
+                "{total} F&O project configurations all point at {here}; {dv_shown} Dataverse runtime configurations"
             ),
         )
     };
@@ -93,6 +106,7 @@ pub async fn inspect(
         fno_pointing_here: pointing_here,
         other_dataverse_urls: others,
         dataverse_runtime_configs: dv_rows,
+        dataverse_count_capped: dv_more,
         stale,
         reason,
     })

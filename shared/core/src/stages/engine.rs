@@ -66,12 +66,16 @@ pub(super) struct Tally {
     pub(super) deleted: usize,
     pub(super) already_gone: usize,
     pub(super) batches: usize,
+    /// The stage's time ran out ([`StageCtx::stop_at`]) with rows left.
+    pub(super) interrupted: bool,
 }
 
 impl Tally {
     pub(super) fn outcome(&self, dry_run: bool) -> Value {
         if dry_run {
             json!({"would_delete": self.found})
+        } else if self.interrupted {
+            json!({"deleted": self.deleted, "already_gone": self.already_gone, "archived": self.found, "batches": self.batches, "continues": true})
         } else {
             json!({"deleted": self.deleted, "already_gone": self.already_gone, "archived": self.found, "batches": self.batches})
         }
@@ -145,7 +149,15 @@ pub(super) async fn purge_pages<'a>(
         let mut pass_deleted = 0;
         let mut first_error = None;
         loop {
-            if first_error.is_none() {
+            if !tally.interrupted && ctx.stop_at.is_some_and(|t| jiff::Timestamp::now() >= t) {
+                // Out of time: send nothing more, let what is in flight finish, hand over.
+                tally.interrupted = true;
+                tracing::info!(
+                    table,
+                    "the invocation's time is nearly up: draining, then continuing in a new one"
+                );
+            }
+            if first_error.is_none() && !tally.interrupted {
                 let batch = rows_of.batch_size(batch_size).max(1);
                 let slots = rows_of.concurrency(concurrency);
                 // Read ahead once what is queued no longer fills every slot.
@@ -256,6 +268,10 @@ pub(super) async fn purge_pages<'a>(
         }
         if let Some(e) = first_error {
             return Err(e);
+        }
+        if tally.interrupted {
+            // This invocation's figures; the invocation that finishes counts the whole run's.
+            return Ok(tally);
         }
         if pass_rows == 0 {
             // Every page of the pass was empty (links included): the table is empty.

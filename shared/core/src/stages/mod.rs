@@ -57,6 +57,9 @@ pub struct StageCtx<'a> {
     pub fno: &'a dyn FnoApi,
     pub reset: &'a dyn ResetDriver,
     pub sink: &'a dyn ProgressSink,
+    /// When a stage that can run long stops sending work, drains what is in flight and hands
+    /// over to a new invocation ([`Then::Again`]); `None` runs to the end (embedded mode).
+    pub stop_at: Option<jiff::Timestamp>,
 }
 
 /// How the run goes on after a stage.
@@ -68,6 +71,10 @@ pub enum Then {
     Finish(RunStatus),
     /// The run waits for an operator; the text says what to do.
     Await(String),
+    /// The stage stopped before the invocation's deadline with work left: its progress is
+    /// recorded and its event sent again, so a new invocation (fresh time, fresh receive count)
+    /// goes on from what is left.
+    Again,
 }
 
 /// A stage's result.
@@ -93,6 +100,9 @@ pub struct Findings {
     pub fno_pointing_here: usize,
     pub other_dataverse_urls: Vec<String>,
     pub dataverse_runtime_configs: usize,
+    /// The service stopped counting at `dataverse_runtime_configs` (there are more).
+    #[serde(default)]
+    pub dataverse_count_capped: bool,
     pub stale: bool,
     pub reason: String,
 }

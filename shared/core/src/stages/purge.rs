@@ -97,6 +97,18 @@ impl Purgeable for ServiceRows<'_> {
     }
 }
 
+/// The report of a purge whose time ran out in `table`: recorded, and continued in a new
+/// invocation (the tables before it are empty by then, so it picks up where it stopped).
+fn again(outcome: serde_json::Map<String, Value>, table: &str) -> StageReport {
+    StageReport {
+        status: StageStatus::Running,
+        outcome: Value::Object(outcome),
+        then: Then::Again,
+        summary: format!("{table}: time ran out; the purge continues in a new invocation"),
+        error: None,
+    }
+}
+
 /// Stage `purge-keys`: F&O key tables (OData, then the optional purge service). Archives first.
 pub async fn purge_keys(ctx: &StageCtx<'_>) -> Result<StageReport> {
     let (_, guards) = guard_target(ctx.env, ctx.dataverse).await?;
@@ -134,6 +146,9 @@ pub async fn purge_keys(ctx: &StageCtx<'_>) -> Result<StageReport> {
         .await?
     };
     outcome.insert(FNO_TABLE.into(), configs.outcome(dry));
+    if configs.interrupted {
+        return Ok(again(outcome, FNO_TABLE));
+    }
     let mut summary = format!(
         "{FNO_TABLE}: {} {}",
         configs.found,
@@ -162,8 +177,11 @@ pub async fn purge_keys(ctx: &StageCtx<'_>) -> Result<StageReport> {
             )
             .await?
         };
-        summary.push_str(&format!(", {name}: {}", t.found));
         outcome.insert(name.into(), t.outcome(dry));
+        if t.interrupted {
+            return Ok(again(outcome, name));
+        }
+        summary.push_str(&format!(", {name}: {}", t.found));
     }
     Ok(StageReport {
         status: StageStatus::Succeeded,
