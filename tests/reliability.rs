@@ -1410,3 +1410,222 @@ async fn s26_a_clear_that_outlasts_its_invocation_continues_in_a_new_one() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn s27_fno_keyed_per_company_paged_with_skip_and_empty_pages() {
+    let (a, rows) = world(Spec {
+        project_configs: 40,
+        fno_shape: (true, true, true),
+        registry_extra: "limits = { fno_page_size = 7, fno_batch_size = 5 }\n".into(),
+        ..Spec::default()
+    })
+    .await;
+    let run_id = a.inject(ENV).await;
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    let run = a.status_json(&["--run", &run_id]).await;
+    assert_eq!(
+        stage(&run, "detect-mismatch")["outcome"]["fno_project_configs"],
+        40,
+        "every page was read, the empty ones' next links followed: {run}"
+    );
+    let archive = a.store().await.archived(&run_id).await.unwrap();
+    let companies: std::collections::HashSet<&str> = archive
+        .iter()
+        .filter(|r| r.table == "DualWriteProjectConfiguration")
+        .filter_map(|r| r.key.split(',').next())
+        .collect();
+    assert_eq!(
+        companies,
+        std::collections::HashSet::from(["dataAreaId='demf'", "dataAreaId='usmf'"]),
+        "rows are addressed by their whole key"
+    );
+    assert_eq!(a.w.sim.snapshot().project_configs[ENV], 0);
+    a.conclude(
+        Scenario {
+            id: "27-fno-per-company-key",
+            title: "F&O keyed per company, paged with $skip and empty pages",
+            injected: "`DualWriteProjectConfiguration` keyed by (dataAreaId, ProjectName) in `$metadata`, each project in two companies, `$skip` next links and an empty page with a next link before every page",
+            runs: awaiting(&run_id),
+            rows_expected: rows,
+            kept_rows: 0,
+            also_secret: vec![],
+        },
+        "the key was read from $metadata; all 40 rows (both companies of each project) deleted by their whole key; every page read",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s28_a_run_record_that_cannot_be_decoded_is_rejected_not_retried() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+
+    let (a, _) = world(Spec::default()).await;
+    let store = a.store().await;
+    let run_id = ulid::Ulid::new().to_string();
+    let client = aws_sdk_dynamodb::Client::new(&relink_aws::sdk_config().await);
+    let s = |v: String| AttributeValue::S(v);
+    for (pk, sk, extra) in [
+        (
+            format!("ENV#{ENV}"),
+            format!("RUN#{run_id}"),
+            ("body", "{\"run_id\": "),
+        ),
+        (
+            format!("RUN#{run_id}"),
+            "RUN".to_string(),
+            ("environment_id", ENV),
+        ),
+    ] {
+        client
+            .put_item()
+            .table_name(store.table())
+            .item("PK", s(pk))
+            .item("SK", s(sk))
+            .item(extra.0, s(extra.1.to_string()))
+            .send()
+            .await
+            .unwrap();
+    }
+    a.send_raw(
+        Stage::PurgeKeys,
+        &format!(r#"{{"environment_id":"{ENV}","run_id":"{run_id}","stage":"purge-keys"}}"#),
+    )
+    .await;
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    let errors = a.rejected_errors().await;
+    assert!(
+        errors.len() == 1 && errors[0].contains("unreadable record"),
+        "{errors:?}"
+    );
+    assert_eq!(a.w.sim.snapshot().deleted.values().sum::<usize>(), 0);
+    a.conclude(
+        Scenario {
+            id: "28-undecodable-run-record",
+            title: "A run record that cannot be decoded",
+            injected: "a purge-keys event for a run whose stored record is truncated JSON",
+            runs: vec![],
+            rows_expected: 0,
+            kept_rows: 0,
+            also_secret: vec![],
+        },
+        "recorded as rejected on its first delivery (a permanent error), nothing in the dead-letter queue, nothing deleted",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s29_waiting_for_another_runs_lock_uses_up_no_receives() {
+    let (a, rows) = world(Spec {
+        uat_rows: 4000,
+        registry_extra: "limits = { dataverse_batch_size = 500, dataverse_concurrency = 1 }".into(),
+        ..Spec::default()
+    })
+    .await;
+    // The first run's clear takes about 20 s; the second run's event waits for it all that
+    // time, longer than five receives at the worker's 3 s visibility timeout would last.
+    a.w.sim.set_faults(Faults {
+        per_op_latency_ms: 5,
+        ..Faults::default()
+    });
+    let first = a.inject(ENV).await;
+    let worker = a.worker(&[]);
+    common::wait_until("the first run is clearing", || {
+        a.w.sim
+            .snapshot()
+            .deleted
+            .get("dataverse/uat")
+            .copied()
+            .unwrap_or(0)
+            > 0
+    })
+    .await;
+    let second = a.inject(ENV).await;
+    wait_exit(worker).await;
+    let runs = [&first, &second].map(|id| id.to_string());
+    let status = a.status_json(&["--run", &second]).await;
+    assert_eq!(
+        status["status"], "skipped",
+        "the second run found the link clean: {status}"
+    );
+    a.conclude(
+        Scenario {
+            id: "29-lock-wait-keeps-receives",
+            title: "Waiting for another run's lock",
+            injected: "a second run of the same environment while the first run's clear takes about 20 s (over five 3 s visibility timeouts)",
+            runs: vec![
+                (runs[0].clone(), RunStatus::AwaitingConfirmation),
+                (runs[1].clone(), RunStatus::Skipped),
+            ],
+            rows_expected: rows,
+            kept_rows: 0,
+            also_secret: vec![],
+        },
+        "the waiting event came back as delayed copies (none of its receives used), never reached the dead-letter queue, and ran once the first run was done",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s30_power_platform_paging_that_never_ends_and_unusable_operations() {
+    use relink_sim::{PowerPlatformSeed, Seed};
+
+    let (a, rows) = world(Spec {
+        registry_extra: "power_platform_environment_id = \"pp-env-30\"\nwatch = { power_platform = true, power_platform_api = \"{sim}/powerplatform\" }\n".into(),
+        ..Spec::default()
+    })
+    .await;
+    let now = jiff::Timestamp::now().to_string();
+    a.w.sim
+        .seed(&Seed {
+            power_platform: vec![PowerPlatformSeed {
+                environment_id: "pp-env-30".into(),
+                operations: vec![
+                    serde_json::json!({"operationId": "op-broken", "name": "Restore", "status": "Succeeded", "endTime": "yesterday-ish"}),
+                    serde_json::json!({"name": "Copy", "status": "Succeeded", "endTime": now}),
+                    serde_json::json!({"operationId": "op-copy-30", "name": "Copy", "status": "Succeeded", "startTime": now, "endTime": now}),
+                ],
+            }],
+            ..Seed::default()
+        })
+        .unwrap();
+    a.w.sim.set_faults(Faults {
+        pp_repeat_token: true,
+        ..Faults::default()
+    });
+    let looping = a.relink(&["watch", "--json"]).await;
+    assert_eq!(looping.code, 1, "{looping:?}");
+    assert!(
+        looping.stdout.contains("repeats a continuation token"),
+        "{looping:?}"
+    );
+    assert!(
+        a.w.sim.snapshot().page_reads["power-platform"] <= 2,
+        "stopped at the first repeated token"
+    );
+    a.w.sim.set_faults(Faults::default());
+    let report = a.relink(&["watch", "--json"]).await;
+    assert_eq!(report.code, 0, "{report:?}");
+    let report = report.json();
+    let started = report["started"].as_array().unwrap();
+    assert_eq!(started.len(), 1, "{report}");
+    assert_eq!(started[0][2], "op-copy-30");
+    assert_eq!(report["skipped"].as_array().unwrap().len(), 2, "{report}");
+    let run_id = started[0][1].as_str().unwrap().to_string();
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    a.conclude(
+        Scenario {
+            id: "30-power-platform-operations",
+            title: "Power Platform operations: endless paging, unusable entries",
+            injected: "the documented operations list answering the same `continuationToken` forever, then an operation without an id and one with an unreadable `endTime` beside a completed copy",
+            runs: awaiting(&run_id),
+            rows_expected: rows,
+            kept_rows: 0,
+            also_secret: vec![],
+        },
+        "the looping list ended with an error after 2 pages (cursor kept); then the copy started one run and the two unusable operations were skipped and reported, not a stall",
+    )
+    .await;
+}

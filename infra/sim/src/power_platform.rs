@@ -97,6 +97,14 @@ pub(crate) fn power_platform(
         },
     };
     let end = (start + OPERATIONS_PAGE).min(ops.len());
-    let token = (end < ops.len()).then(|| format!("page-{end}"));
+    let token = if st.faults.pp_repeat_token {
+        Some("page-0".to_string())
+    } else {
+        (end < ops.len()).then(|| format!("page-{end}"))
+    };
+    *st.snapshot
+        .page_reads
+        .entry("power-platform".into())
+        .or_default() += 1;
     axum::Json(json!({"collection": ops[start..end], "continuationToken": token})).into_response()
 }

@@ -206,6 +206,9 @@ pub struct Faults {
     /// Dataverse deletes of this many rows (the first ones asked for) answer 204, and the rows
     /// stay: rows that never go away.
     pub ghost_rows: usize,
+    /// The Power Platform operations list answers every page with the same continuation token
+    /// (paging that never ends).
+    pub pp_repeat_token: bool,
 }
 
 impl Default for Faults {
@@ -228,6 +231,7 @@ impl Default for Faults {
             stall_batch_after_ops: None,
             hold_batches: false,
             ghost_rows: 0,
+            pp_repeat_token: false,
         }
     }
 }
