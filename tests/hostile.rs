@@ -27,6 +27,8 @@ enum Lie {
     EndlessAnswer,
     /// `400` whose OData message carries terminal escape codes and a carriage return.
     ForgedText,
+    /// The right organisation, linked (it says) to another F&O environment; 404 to the rest.
+    OtherPairing,
 }
 
 /// Serves `lie` on a free loopback port; returns its base URL and the request counter.
@@ -64,6 +66,12 @@ async fn hostile(lie: Lie) -> (String, Arc<AtomicUsize>) {
                     buf.drain(..end + 4 + length);
                     seen.fetch_add(1, Ordering::SeqCst);
                     let token = head.contains("/oauth2/v2.0/token");
+                    let json = |body: &str| {
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                    };
                     let reply: String = match lie {
                         Lie::Redirect => "HTTP/1.1 302 Found\r\nlocation: http://127.0.0.1:9/elsewhere\r\ncontent-length: 0\r\n\r\n".into(),
                         Lie::EndlessRetryAfter => "HTTP/1.1 429 Too Many Requests\r\nretry-after: 1e300\r\ncontent-length: 0\r\n\r\n".into(),
@@ -72,6 +80,13 @@ async fn hostile(lie: Lie) -> (String, Arc<AtomicUsize>) {
                             format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
                         }
                         Lie::EndlessToken => "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".into(),
+                        Lie::OtherPairing if head.contains("retrievecurrentorganization") => json(
+                            r#"{"Detail":{"OrganizationId":"6f0e3b1c-0000-4000-8000-000000000001","UniqueName":"orgcontosouat","FriendlyName":"UAT","UrlName":"org","EnvironmentId":"6f0e3b1c-0000-4000-8000-0000000000e1"}}"#,
+                        ),
+                        Lie::OtherPairing if head.contains("retrievefinanceandoperationsintegrationdetails") => {
+                            json(r#"{"Url":"https://contoso-prod.operations.dynamics.com","TenantId":"t"}"#)
+                        }
+                        Lie::OtherPairing => "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".into(),
                         Lie::ForgedText => {
                             let body = r#"{"error":{"code":"0x0","message":"\u001b[2K\u001b[32mrun succeeded\r\u001b]0;owned\u0007"}}"#;
                             format!("HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
@@ -184,5 +199,22 @@ async fn server_text_cannot_drive_the_terminal() {
     assert!(
         status.stdout.contains("run succeeded"),
         "the text is shown, escaped: {status:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_dataverse_paired_with_another_fno_is_refused_before_anything_is_read_or_deleted() {
+    let (out, requests, w) = run_against(Lie::OtherPairing, false).await;
+    assert_eq!(out.code, 4, "refused: {out:?}");
+    assert!(
+        out.stdout.contains("contoso-prod.operations.dynamics.com")
+            || out.stderr.contains("contoso-prod.operations.dynamics.com"),
+        "{out:?}"
+    );
+    assert_eq!(requests, 2, "identity, then pairing: {out:?}");
+    assert_eq!(
+        w.sim.snapshot().page_reads.get("fno").copied().unwrap_or(0),
+        0,
+        "F&O was not even read"
     );
 }
