@@ -343,8 +343,6 @@ async fn the_watcher_reads_power_platform_operations_with_the_apps_token() {
 
 #[tokio::test]
 async fn a_registry_change_takes_effect_on_the_next_event_of_a_warm_function() {
-    use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
-    use lambda_runtime::{Context, LambdaEvent};
     use relink_aws::lambda::handle_batch;
     use relink_core::model::{RunStatus, StageStatus};
     use relink_core::ports::ProgressStore;
@@ -363,16 +361,7 @@ async fn a_registry_change_takes_effect_on_the_next_event_of_a_warm_function() {
     let deps = a
         .function_deps(Stage::DetectMismatch, std::time::Duration::from_secs(60))
         .await;
-    let event = |run_id: &str| {
-        let mut record = SqsMessage::default();
-        record.message_id = Some(ulid::Ulid::new().to_string());
-        record.body = Some(format!(
-            r#"{{"environment_id":"{ENV}","run_id":"{run_id}"}}"#
-        ));
-        let mut event = SqsEvent::default();
-        event.records = vec![record];
-        LambdaEvent::new(event, Context::default())
-    };
+    let event = AwsWorld::detect_delivery;
 
     let first = ulid::Ulid::new().to_string();
     let out = handle_batch(&deps, event(&first)).await.unwrap();
@@ -393,4 +382,67 @@ async fn a_registry_change_takes_effect_on_the_next_event_of_a_warm_function() {
     );
     assert_eq!(run.status, RunStatus::Running, "{run:?}");
     assert_eq!(a.w.sim.snapshot().deleted.values().sum::<usize>(), 0);
+}
+
+#[tokio::test]
+async fn status_all_lists_every_registered_environment_what_needs_a_person_first() {
+    let a = AwsWorld::new(Spec {
+        extra_envs: 199,
+        extra_rows: 4,
+        ..Spec::default()
+    })
+    .await;
+    // ENV ends awaiting its Reset; fan-007 is dry-run (succeeded); the others never ran.
+    a.inject(ENV).await;
+    let dry = a
+        .relink(&["inject", "fan-007", "--dry-run", "--json"])
+        .await;
+    assert_eq!(dry.code, 0, "{dry:?}");
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+
+    let out = a.relink(&["status", "--all", "--json"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let rows = out.json();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 200, "one line per registered environment");
+    assert_eq!(
+        rows[0]["environment_id"], ENV,
+        "the run awaiting its Reset comes first"
+    );
+    assert_eq!(rows[0]["status"], "awaiting-confirmation");
+    assert_eq!(rows[0]["needs_attention"], true);
+    assert!(rows[0]["awaiting_since"].is_string());
+    let last = &rows[199];
+    assert_eq!(
+        (last["environment_id"].as_str(), last["status"].as_str()),
+        (Some("fan-007"), Some("succeeded")),
+        "done comes last"
+    );
+    assert_eq!(
+        rows.iter().filter(|r| r["run_id"].is_null()).count(),
+        198,
+        "the others never ran"
+    );
+    for key in [
+        "environment_id",
+        "run_id",
+        "status",
+        "needs_attention",
+        "updated_at",
+        "age_secs",
+        "awaiting_since",
+        "waiting",
+        "last_probe",
+    ] {
+        assert!(rows[1].get(key).is_some(), "documented field {key}");
+    }
+    let text = a.relink(&["status", "--all"]).await;
+    assert!(
+        text.stdout.lines().nth(1).unwrap().starts_with(ENV)
+            && text
+                .stdout
+                .contains("200 environment(s), 1 need(s) a person"),
+        "{text:?}"
+    );
 }

@@ -462,3 +462,30 @@ async fn every_fno_shape_is_purged_by_its_whole_key() {
         );
     }
 }
+
+#[tokio::test]
+async fn status_all_lists_the_registry_file_with_or_without_a_store() {
+    let w = World::new(Spec {
+        extra_envs: 2,
+        extra_rows: 4,
+        ..Spec::default()
+    })
+    .await;
+    let before = w.relink(&["status", "--all", "--json"]).await;
+    assert_eq!(
+        before.code, 0,
+        "nothing has run yet: every environment, no run: {before:?}"
+    );
+    assert_eq!(before.json().as_array().unwrap().len(), 3);
+    assert_eq!(w.relink(&["run", ENV]).await.code, 3);
+    let rows = w.relink(&["status", "--all", "--json"]).await.json();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(
+        (
+            rows[0]["environment_id"].as_str(),
+            rows[0]["status"].as_str()
+        ),
+        (Some(ENV), Some("awaiting-confirmation"))
+    );
+    assert!(rows[1..].iter().all(|r| r["status"].is_null()));
+}

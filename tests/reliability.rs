@@ -1142,23 +1142,13 @@ fn reseed_uat(a: &AwsWorld, paired_with: Option<&str>, platform: Option<relink_s
 
 #[tokio::test]
 async fn s21_the_pairing_changes_between_detect_and_purge() {
-    use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
-    use lambda_runtime::{Context, LambdaEvent};
-
     let (a, _) = world(Spec::default()).await;
     // detect-mismatch runs in a warm function and queues purge-keys...
     let deps = a
         .function_deps(Stage::DetectMismatch, Duration::from_secs(60))
         .await;
     let run_id = ulid::Ulid::new().to_string();
-    let mut record = SqsMessage::default();
-    record.message_id = Some(ulid::Ulid::new().to_string());
-    record.body = Some(format!(
-        r#"{{"environment_id":"{ENV}","run_id":"{run_id}"}}"#
-    ));
-    let mut event = SqsEvent::default();
-    event.records = vec![record];
-    let out = relink_aws::lambda::handle_batch(&deps, LambdaEvent::new(event, Context::default()))
+    let out = relink_aws::lambda::handle_batch(&deps, AwsWorld::detect_delivery(&run_id))
         .await
         .unwrap();
     assert!(out.batch_item_failures.is_empty());

@@ -221,6 +221,22 @@ impl AwsWorld {
     /// A stage function's wiring against this world, as `FunctionDeps::from_env` builds it in
     /// Lambda (table registry, Secrets Manager, SQS, leases only: this test process is "another
     /// host"), for tests that play the function in-process.
+    /// A detect-mismatch delivery of run `run_id`, as Lambda hands one to the function.
+    pub fn detect_delivery(
+        run_id: &str,
+    ) -> lambda_runtime::LambdaEvent<aws_lambda_events::event::sqs::SqsEvent> {
+        use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+        let mut record = SqsMessage::default();
+        record.message_id = Some(ulid::Ulid::new().to_string());
+        record.body = Some(format!(
+            r#"{{"environment_id":"{}","run_id":"{run_id}"}}"#,
+            super::ENV
+        ));
+        let mut event = SqsEvent::default();
+        event.records = vec![record];
+        lambda_runtime::LambdaEvent::new(event, lambda_runtime::Context::default())
+    }
+
     pub async fn function_deps(
         &self,
         stage: Stage,

@@ -123,6 +123,17 @@ impl Aws {
         Ok(crate::exit::OK)
     }
 
+    /// The environment ids of the table's registry entries, for `relink status --all`.
+    pub async fn environment_ids(&self) -> Result<Vec<String>> {
+        Ok(self
+            .store
+            .entries()
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect())
+    }
+
     /// `relink env list`.
     pub async fn env_list(&self, json: bool) -> Result<u8> {
         let entries = self.store.entries().await?;

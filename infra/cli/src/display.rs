@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use relink_core::model::{Run, Stage};
+use relink_core::model::{Run, RunStatus, Stage};
 use relink_core::progress::{Progress, ProgressSink};
 pub use relink_core::redact::printable;
 use serde_json::{Value, json};
@@ -278,4 +278,108 @@ fn summarize(o: &Value) -> String {
         }
     }
     parts.join(", ").trim().to_string()
+}
+
+/// One environment of `relink status --all`.
+pub struct FleetRow {
+    pub environment_id: String,
+    pub run: Option<Run>,
+    /// Seconds since the latest run last changed.
+    pub age_secs: Option<i64>,
+    /// When the run began waiting for the operator's Reset, if it waits.
+    pub awaiting_since: Option<jiff::Timestamp>,
+}
+
+impl FleetRow {
+    pub fn new(environment_id: &str, run: Option<Run>, now: jiff::Timestamp) -> FleetRow {
+        let age_secs = run
+            .as_ref()
+            .map(|r| (now - r.updated_at).get_seconds().max(0));
+        let awaiting_since = run
+            .as_ref()
+            .filter(|r| r.status == RunStatus::AwaitingConfirmation)
+            .map(|r| r.stage(Stage::ResetLink).started_at.unwrap_or(r.updated_at));
+        FleetRow {
+            environment_id: environment_id.to_string(),
+            run,
+            age_secs,
+            awaiting_since,
+        }
+    }
+
+    /// 0 needs a person now (awaiting the Reset, failed, refused), 1 is in progress, 2 has no
+    /// run, 3 is done (succeeded, skipped).
+    fn rank(&self) -> u8 {
+        match self.run.as_ref().map(|r| r.status) {
+            Some(RunStatus::AwaitingConfirmation | RunStatus::Failed | RunStatus::Refused) => 0,
+            Some(RunStatus::Running | RunStatus::Pending) => 1,
+            None => 2,
+            Some(RunStatus::Succeeded | RunStatus::Skipped) => 3,
+        }
+    }
+
+    /// What needs a person first; within a group the longest waiting first, then by id.
+    pub fn order(a: &FleetRow, b: &FleetRow) -> std::cmp::Ordering {
+        a.rank()
+            .cmp(&b.rank())
+            .then(b.age_secs.cmp(&a.age_secs))
+            .then(a.environment_id.cmp(&b.environment_id))
+    }
+
+    /// The documented JSON line (README, "Fleet view").
+    pub fn json(&self) -> Value {
+        json!({
+            "environment_id": self.environment_id,
+            "run_id": self.run.as_ref().map(|r| &r.run_id),
+            "status": self.run.as_ref().map(|r| r.status.as_str()),
+            "needs_attention": self.rank() == 0,
+            "updated_at": self.run.as_ref().map(|r| r.updated_at),
+            "age_secs": self.age_secs,
+            "awaiting_since": self.awaiting_since,
+            "waiting": self.run.as_ref().and_then(|r| r.waiting.as_deref()),
+            "last_probe": Value::Null,
+        })
+    }
+}
+
+/// A duration for a table cell: `45s`, `12m`, `5h`, `3d`.
+fn short_age(secs: i64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// `relink status --all` for a terminal: one aligned line per environment.
+pub fn fleet_text(rows: &[FleetRow]) -> String {
+    let width = rows
+        .iter()
+        .map(|r| r.environment_id.len())
+        .max()
+        .unwrap_or(0)
+        .max("ENVIRONMENT".len());
+    let mut out = format!(
+        "{:<width$}  {:<22}  {:<26}  {:>5}  {:<20}  {}\n",
+        "ENVIRONMENT", "STATUS", "LATEST RUN", "AGE", "AWAITING SINCE", "LAST PROBE"
+    );
+    for r in rows {
+        let flag = if r.rank() == 0 { "!" } else { " " };
+        out.push_str(&format!(
+            "{:<width$}  {flag}{:<21}  {:<26}  {:>5}  {:<20}  -\n",
+            printable(&r.environment_id),
+            r.run.as_ref().map_or("no run", |x| x.status.as_str()),
+            r.run.as_ref().map_or("-", |x| x.run_id.as_str()),
+            r.age_secs.map_or("-".into(), short_age),
+            r.awaiting_since
+                .map_or("-".into(), |t| t.strftime("%Y-%m-%d %H:%M UTC").to_string()),
+        ));
+    }
+    let attention = rows.iter().filter(|r| r.rank() == 0).count();
+    out.push_str(&format!(
+        "{} environment(s), {attention} need(s) a person\n",
+        rows.len()
+    ));
+    out
 }

@@ -261,6 +261,8 @@ pub struct StatusQuery<'a> {
     pub json: bool,
     pub limit: usize,
     pub rejected: bool,
+    /// `--all`: one line per registered environment (these ids), what needs a person first.
+    pub all: Option<Vec<String>>,
 }
 
 /// The embedded store for `relink status`, which must not create an empty one.
@@ -272,6 +274,13 @@ pub fn open_store_for_status(store: &Path) -> Result<SqliteStore> {
         )));
     }
     SqliteStore::open(store)
+}
+
+/// The environment ids of the registry file, for `relink status --all`.
+pub fn registry_ids(config: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(config)
+        .map_err(|e| Error::Config(format!("cannot read registry {}: {e}", config.display())))?;
+    Registry::ids(&text)
 }
 
 /// `relink status`: prints runs (or rejected messages) and returns exit code 0.
@@ -289,6 +298,25 @@ pub async fn status(store: &dyn ProgressStore, q: StatusQuery<'_>) -> Result<u8>
                     crate::display::printable(&r.error)
                 );
             }
+        }
+        return Ok(crate::exit::OK);
+    }
+    if let Some(envs) = &q.all {
+        let now = jiff::Timestamp::now();
+        let mut fleet = Vec::with_capacity(envs.len());
+        for env in envs {
+            fleet.push(display::FleetRow::new(
+                env,
+                store.latest_run(env).await?,
+                now,
+            ));
+        }
+        fleet.sort_by(display::FleetRow::order);
+        if q.json {
+            let rows: Vec<_> = fleet.iter().map(display::FleetRow::json).collect();
+            println!("{}", serde_json::to_string_pretty(&rows).expect("json"));
+        } else {
+            print!("{}", display::fleet_text(&fleet));
         }
         return Ok(crate::exit::OK);
     }

@@ -110,6 +110,10 @@ enum Command {
         /// List rejected (poison) messages instead of runs.
         #[arg(long, conflicts_with_all = ["env", "run_id"])]
         rejected: bool,
+        /// One line per registered environment (the registry file, or the table in AWS mode):
+        /// latest run, status, age, awaiting since; what needs a person first.
+        #[arg(long, conflicts_with_all = ["env", "run_id", "rejected"])]
+        all: bool,
     },
     /// AWS mode: poll the stage queues like Lambda's SQS event source and run the stage handlers.
     Worker {
@@ -249,14 +253,37 @@ async fn dispatch(cli: Cli) -> u8 {
             };
             run.map(|run| report(&run, json))
         }
-        Command::Status { env, run_id, json, limit, rejected } => {
-            let query = embedded::StatusQuery { env: env.as_deref(), run_id: run_id.as_deref(), json, limit, rejected };
+        Command::Status { env, run_id, json, limit, rejected, all } => {
+            let mut query = embedded::StatusQuery { env: env.as_deref(), run_id: run_id.as_deref(), json, limit, rejected, all: None };
             match &aws_args {
-                Some(a) => embedded::status(&aws_mode::Aws::connect(a).await.store, query).await,
-                None => match embedded::open_store_for_status(&cli.store) {
-                    Ok(store) => embedded::status(&store, query).await,
-                    Err(e) => Err(e),
-                },
+                Some(a) => {
+                    let aws = aws_mode::Aws::connect(a).await;
+                    match all.then(|| aws.environment_ids()) {
+                        Some(ids) => match ids.await {
+                            Ok(ids) => {
+                                query.all = Some(ids);
+                                embedded::status(&aws.store, query).await
+                            }
+                            Err(e) => Err(e),
+                        },
+                        None => embedded::status(&aws.store, query).await,
+                    }
+                }
+                None => {
+                    let ids = if all { embedded::registry_ids(&cli.config).map(Some) } else { Ok(None) };
+                    // Nothing has run yet: every environment is listed without a run.
+                    let store = match (&ids, cli.store.exists()) {
+                        (Ok(Some(_)), false) => relink_embedded::SqliteStore::in_memory(),
+                        _ => embedded::open_store_for_status(&cli.store),
+                    };
+                    match (ids, store) {
+                        (Ok(ids), Ok(store)) => {
+                            query.all = ids;
+                            embedded::status(&store, query).await
+                        }
+                        (Err(e), _) | (_, Err(e)) => Err(e),
+                    }
+                }
             }
         }
         Command::Sim { port, seed, faults } => demo::serve(port, seed, faults).await,

@@ -359,6 +359,17 @@ impl Registry {
         }
     }
 
+    /// The environment ids a registry file names, without validating or resolving its entries
+    /// (`relink status --all` lists environments whose secrets are not at hand).
+    pub fn ids(text: &str) -> Result<Vec<String>> {
+        let doc: toml::Table = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        Ok(doc
+            .get("environments")
+            .and_then(toml::Value::as_table)
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default())
+    }
+
     /// The `[environments.ID]` table of a registry file as JSON, validated, for storing in AWS.
     pub fn entry_json(text: &str, id: &str) -> Result<serde_json::Value> {
         Registry::parse(text, |_| Some("unused".into()))?.get(id)?;
