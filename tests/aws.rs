@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use common::aws::AwsWorld;
 use common::{ENV, Spec, stage};
@@ -444,5 +445,73 @@ async fn status_all_lists_every_registered_environment_what_needs_a_person_first
                 .stdout
                 .contains("200 environment(s), 1 need(s) a person"),
         "{text:?}"
+    );
+}
+
+/// The EMF lines the stage functions print for one run, read back and checked against what the
+/// run did.
+#[tokio::test]
+async fn the_functions_emit_metrics_that_match_the_run() {
+    use relink_aws::metrics::{self, Memory};
+
+    let a = AwsWorld::new(Spec {
+        uat_rows: 120,
+        project_configs: 9,
+        ..Spec::default()
+    })
+    .await;
+    let emitted = Arc::new(Memory::default());
+    let run_id = ulid::Ulid::new().to_string();
+    for stage in Stage::ALL {
+        let mut deps = a
+            .function_deps(stage, std::time::Duration::from_secs(60))
+            .await;
+        deps.metrics = emitted.clone();
+        let out = relink_aws::lambda::handle_batch(&deps, AwsWorld::delivery(stage, &run_id))
+            .await
+            .unwrap();
+        assert!(out.batch_item_failures.is_empty(), "{stage}");
+    }
+    let lines = emitted.0.lock().unwrap().clone();
+    let value = |stage: Option<&str>, name: &str| -> Option<f64> {
+        lines
+            .iter()
+            .filter(|l| l.get("stage").and_then(|s| s.as_str()) == stage)
+            .find_map(|l| l.get(name).and_then(|v| v.as_f64()))
+    };
+    assert_eq!(
+        value(Some("clear-dataverse-configs"), metrics::ROWS_DELETED),
+        Some(120.0)
+    );
+    assert_eq!(value(Some("purge-keys"), metrics::ROWS_DELETED), Some(9.0));
+    assert_eq!(value(Some("purge-keys"), metrics::ROWS_ARCHIVED), Some(9.0));
+    assert_eq!(value(None, metrics::RUNS_STARTED), Some(1.0));
+    assert_eq!(value(None, metrics::RUNS_AWAITING_RESET), Some(1.0));
+    for line in &lines {
+        let declared = &line["_aws"]["CloudWatchMetrics"][0];
+        assert_eq!(declared["Namespace"], metrics::NAMESPACE);
+        for m in declared["Metrics"].as_array().unwrap() {
+            let name = m["Name"].as_str().unwrap();
+            assert!(
+                metrics::ALL.contains(&name),
+                "{name} is not a listed metric"
+            );
+            assert!(line[name].is_number(), "{name} has its value on the line");
+            let unit = m["Unit"].as_str().unwrap();
+            let want = if name == metrics::STAGE_DURATION {
+                "Milliseconds"
+            } else {
+                "Count"
+            };
+            assert_eq!(unit, want, "{name}");
+        }
+    }
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.get(metrics::STAGE_DURATION).is_some())
+            .count(),
+        4,
+        "one duration per stage invocation"
     );
 }

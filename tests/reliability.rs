@@ -875,6 +875,7 @@ impl Notifier {
                     HashMap::from([(Stage::DetectMismatch, detect)]),
                 )),
                 secret: NotifyKey::Value(relink_core::registry::Secret::new(key)),
+                metrics: Arc::new(relink_aws::metrics::Off),
             },
             key: key.into(),
         }

@@ -225,12 +225,21 @@ impl AwsWorld {
     pub fn detect_delivery(
         run_id: &str,
     ) -> lambda_runtime::LambdaEvent<aws_lambda_events::event::sqs::SqsEvent> {
+        Self::delivery(Stage::DetectMismatch, run_id)
+    }
+
+    /// A delivery of `stage` for run `run_id` of ENV, as Lambda hands one to the function.
+    pub fn delivery(
+        stage: Stage,
+        run_id: &str,
+    ) -> lambda_runtime::LambdaEvent<aws_lambda_events::event::sqs::SqsEvent> {
         use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
         let mut record = SqsMessage::default();
         record.message_id = Some(ulid::Ulid::new().to_string());
         record.body = Some(format!(
-            r#"{{"environment_id":"{}","run_id":"{run_id}"}}"#,
-            super::ENV
+            r#"{{"environment_id":"{}","run_id":"{run_id}","stage":"{}"}}"#,
+            super::ENV,
+            stage.as_str()
         ));
         let mut event = SqsEvent::default();
         event.records = vec![record];
@@ -274,6 +283,8 @@ impl AwsWorld {
             handover_grace: relink_aws::lambda::HANDOVER_GRACE,
             max_wait: relink_aws::lambda::MAX_BACKOFF,
             time_boxed: true,
+            metrics: Arc::new(relink_aws::metrics::Off),
+            throttles: Arc::default(),
         }
     }
 

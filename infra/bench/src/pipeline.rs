@@ -249,6 +249,8 @@ pub async fn run(fan_out: usize) -> Result<String> {
             handover_grace: HANDOVER_GRACE,
             max_wait: relink_aws::lambda::MAX_BACKOFF,
             time_boxed: true,
+            metrics: Arc::new(relink_aws::metrics::Off),
+            throttles: Arc::default(),
         });
         for _ in 0..INSTANCES {
             pollers.push(tokio::spawn(poll(

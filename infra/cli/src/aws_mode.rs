@@ -289,6 +289,8 @@ impl Aws {
                 // A local worker's visibility timeout is its retry interval: waits stay within it.
                 max_wait: opts.visibility,
                 time_boxed: opts.time_box,
+                metrics: Arc::new(relink_aws::metrics::Off),
+                throttles: Arc::default(),
             };
             let url = queue.url(stage).expect("every stage resolved").to_string();
             let poller = Poller {

@@ -33,6 +33,8 @@ pub struct IngestDeps {
     pub queue: Arc<dyn StageQueue>,
     /// The shared HMAC secret.
     pub secret: NotifyKey,
+    /// Where EMF metrics go (stdout in Lambda).
+    pub metrics: Arc<dyn crate::metrics::MetricsSink>,
 }
 
 /// The notification signing key: fixed (`RELINK_NOTIFY_SECRET`), or read from Secrets Manager
@@ -96,6 +98,24 @@ fn describe(r: &EnvRef) -> String {
 
 /// Checks, reads and acts on one notification.
 pub async fn ingest(
+    deps: &IngestDeps,
+    timestamp: Option<&str>,
+    signature: Option<&str>,
+    body: &[u8],
+    now: Timestamp,
+) -> Answer {
+    let a = ingest_once(deps, timestamp, signature, body, now).await;
+    if a.status >= 400 {
+        crate::metrics::emit_count(
+            deps.metrics.as_ref(),
+            crate::metrics::NOTIFICATION_FAILURES,
+            1,
+        );
+    }
+    a
+}
+
+async fn ingest_once(
     deps: &IngestDeps,
     timestamp: Option<&str>,
     signature: Option<&str>,
@@ -230,6 +250,7 @@ async fn ingest_deps() -> Result<IngestDeps> {
         store: Arc::new(store),
         queue: Arc::new(crate::detect_queue(&config)?),
         secret,
+        metrics: Arc::new(crate::metrics::Stdout),
     })
 }
 
@@ -252,6 +273,7 @@ mod tests {
             store: Arc::new(SqliteStore::in_memory().unwrap()),
             queue: queue.clone(),
             secret: NotifyKey::Value(Secret::new(SECRET)),
+            metrics: Arc::new(crate::metrics::Off),
         };
         (deps, queue)
     }

@@ -13,6 +13,7 @@ use jiff::Timestamp;
 use lambda_runtime::{Context, LambdaEvent};
 use tracing::Instrument;
 
+use crate::metrics::{MetricsSink, ThrottleCounter};
 use crate::registry::TableRegistry;
 use crate::secrets::SecretResolver;
 use crate::sqs::SqsQueue;
@@ -24,7 +25,7 @@ use relink_core::ports::{
     Connector, LeaseOwner, LeasesOnly, Liveness, ProgressStore, RegistrySource, Rejected,
     ResetDriver, StageQueue,
 };
-use relink_core::progress::{ProgressSink, TracingSink};
+use relink_core::progress::ProgressSink;
 use relink_core::stages::ManualReset;
 use relink_dynamics::{Http, HttpConnector, RetryPolicy};
 
@@ -53,6 +54,10 @@ pub struct FunctionDeps {
     /// Whether long stages hand over to a new invocation before the deadline (Lambda: yes; a
     /// local worker only with `--time-box`).
     pub time_boxed: bool,
+    /// Where EMF metrics go (stdout in Lambda).
+    pub metrics: Arc<dyn MetricsSink>,
+    /// 429s met by the HTTP client since the last record (it is the client's progress sink).
+    pub throttles: Arc<ThrottleCounter>,
 }
 
 /// What became of one record.
@@ -66,6 +71,9 @@ pub enum Disposition {
     Retry,
 }
 
+/// True until the first invocation of this process (a cold start) has begun.
+static COLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
 /// Handles an SQS batch: the Lambda handler of every stage function.
 pub async fn handle_batch(
     deps: &FunctionDeps,
@@ -73,6 +81,15 @@ pub async fn handle_batch(
 ) -> Result<SqsBatchResponse, lambda_runtime::Error> {
     let (event, ctx) = event.into_parts();
     let mut response = SqsBatchResponse::default();
+    // Powertools' field names: every line of the invocation carries them.
+    let invocation = tracing::info_span!(
+        "invocation",
+        function_request_id = %ctx.request_id,
+        function_name = %std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_default(),
+        function_version = %std::env::var("AWS_LAMBDA_FUNCTION_VERSION").unwrap_or_default(),
+        cold_start = COLD.swap(false, std::sync::atomic::Ordering::Relaxed),
+    );
+    let _entered = invocation.enter();
     for record in &event.records {
         let message_id = record.message_id.clone().unwrap_or_default();
         let span = tracing::info_span!("record", message_id = %message_id, stage = %deps.stage, run_id = tracing::field::Empty, environment_id = tracing::field::Empty);
@@ -126,9 +143,21 @@ pub async fn handle_record(deps: &FunctionDeps, ctx: &Context, record: &SqsMessa
         deadline,
         stage_deadline: deadline.filter(|_| deps.time_boxed),
     };
-    match engine.handle(&event).await {
+    let started = std::time::Instant::now();
+    let result = engine.handle(&event).await;
+    let throttled = deps.throttles.take();
+    match result {
         Ok(h) => {
             tracing::info!(run_id = %h.run.run_id, status = %h.run.status, duplicate = h.duplicate, next = ?h.next.as_ref().map(|e| e.stage), "record handled");
+            if !h.duplicate {
+                crate::metrics::emit_stage(
+                    deps.metrics.as_ref(),
+                    deps.stage,
+                    &h.run,
+                    started.elapsed(),
+                    throttled,
+                );
+            }
             Disposition::Done
         }
         Err(Error::LockHeld { holder, until, .. })
@@ -225,6 +254,7 @@ async fn reject(
     event: Option<&StageEvent>,
 ) -> Disposition {
     tracing::error!(error = %error, "message rejected");
+    crate::metrics::emit_count(deps.metrics.as_ref(), crate::metrics::REJECTED_MESSAGES, 1);
     let rejected = Rejected {
         message_id: message_id.to_string(),
         received_at: Timestamp::now(),
@@ -280,7 +310,8 @@ impl FunctionDeps {
         {
             urls.insert(stage, own);
         }
-        let sink: Arc<dyn ProgressSink> = Arc::new(TracingSink);
+        let throttles = Arc::new(ThrottleCounter::default());
+        let sink: Arc<dyn ProgressSink> = throttles.clone();
         let http = Arc::new(Http::new(RetryPolicy::default(), sink.clone())?);
         Ok(FunctionDeps {
             stage,
@@ -299,6 +330,8 @@ impl FunctionDeps {
             handover_grace: HANDOVER_GRACE,
             max_wait: MAX_BACKOFF,
             time_boxed: true,
+            metrics: Arc::new(crate::metrics::Stdout),
+            throttles,
         })
     }
 }
@@ -379,13 +412,15 @@ mod tests {
             connector: Arc::new(connector),
             registry: Arc::new(StaticRegistry(Arc::new(fakes::registry()))),
             reset: Arc::new(ManualReset),
-            sink: Arc::new(TracingSink),
+            sink: Arc::new(relink_core::progress::TracingSink),
             liveness: Arc::new(LeasesOnly),
             owner_prefix: "test".into(),
             lease: Duration::from_secs(30),
             handover_grace: Duration::from_secs(30),
             max_wait: MAX_BACKOFF,
             time_boxed: false,
+            metrics: Arc::new(crate::metrics::Off),
+            throttles: Arc::default(),
         };
         Harness { deps, store, queue }
     }

@@ -6,6 +6,7 @@
 pub mod dynamo;
 pub mod ingest;
 pub mod lambda;
+pub mod metrics;
 pub mod registry;
 pub mod secrets;
 pub mod sqs;

@@ -70,6 +70,8 @@ pub struct Watcher {
     /// Power Platform token sources by environment, kept across polls so a token is reused
     /// until it expires (rebuilt when the entry changes: keyed by its fingerprint).
     pp_tokens: Mutex<HashMap<String, (String, Arc<EntraTokens>)>>,
+    /// Where the fleet gauge goes (stdout in Lambda; nowhere from the CLI).
+    pub metrics: Arc<dyn crate::metrics::MetricsSink>,
 }
 
 /// Reads a time LCS or Power Platform wrote: RFC 3339, or a UTC date-time without offset.
@@ -101,6 +103,7 @@ impl Watcher {
             secrets,
             lcs_calls: Mutex::new(HashMap::new()),
             pp_tokens: Mutex::new(HashMap::new()),
+            metrics: Arc::new(crate::metrics::Off),
         }
     }
 
@@ -143,7 +146,38 @@ impl Watcher {
                     .push((env.id.clone(), "power-platform".into(), e.to_string()));
             }
         }
+        self.report_overdue_resets(&registry).await;
         Ok(report)
+    }
+
+    /// The fleet gauge behind the "Reset overdue" alarm: how long the longest-waiting Reset has
+    /// been due, over every registered environment (one read each). Best effort.
+    async fn report_overdue_resets(&self, registry: &relink_core::registry::Registry) {
+        let now = Timestamp::now();
+        let mut oldest = 0.0f64;
+        for env in registry.iter() {
+            match self.store.latest_run(&env.id).await {
+                Ok(Some(run))
+                    if run.status == relink_core::model::RunStatus::AwaitingConfirmation =>
+                {
+                    let since = run
+                        .stage(relink_core::model::Stage::ResetLink)
+                        .started_at
+                        .unwrap_or(run.updated_at);
+                    oldest = oldest.max((now - since).get_seconds().max(0) as f64);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(environment_id = %env.id, error = %e, "cannot read the latest run for the overdue-Reset gauge");
+                    return;
+                }
+            }
+        }
+        crate::metrics::emit_seconds(
+            self.metrics.as_ref(),
+            crate::metrics::OLDEST_AWAITING_RESET,
+            oldest,
+        );
     }
 
     /// Starts a run for each completed restore newer than the source's cursor, then moves the
@@ -449,13 +483,15 @@ async fn watcher() -> relink_core::Result<Watcher> {
         relink_dynamics::RetryPolicy::default(),
         Arc::new(relink_core::progress::TracingSink),
     )?);
-    Ok(Watcher::new(
+    let mut watcher = Watcher::new(
         Arc::new(crate::registry::TableRegistry::new(store.clone())),
         Arc::new(store),
         Arc::new(queue),
         http,
         Arc::new(crate::secrets::SecretResolver::new(&config)),
-    ))
+    );
+    watcher.metrics = Arc::new(crate::metrics::Stdout);
+    Ok(watcher)
 }
 
 #[cfg(test)]
