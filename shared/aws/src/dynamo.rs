@@ -617,6 +617,31 @@ impl ProgressStore for DynamoStore {
         Ok(())
     }
 
+    async fn archived_count(&self, run_id: &str, table: &str) -> Result<usize> {
+        let Some(env) = self.environment_of(run_id).await? else {
+            return Ok(0);
+        };
+        // Only this table's chunks, and only their keys are kept: a resumed clear of 200,000
+        // rows counts them without holding the rows.
+        let now = Timestamp::now().as_second();
+        let mut keys = HashSet::new();
+        for item in self
+            .query_all(env_pk(&env), &format!("ARCHIVE#{run_id}#{table}#"))
+            .await?
+        {
+            if get_n(&item, "expires_at").is_some_and(|t| t < now) {
+                continue;
+            }
+            let rows: Vec<Value> = serde_json::from_str(get_s(&item, "rows").unwrap_or("[]"))
+                .map_err(|e| Error::store(format!("archive chunk: {e}")))?;
+            keys.extend(
+                rows.iter()
+                    .filter_map(|r| r["key"].as_str().map(str::to_string)),
+            );
+        }
+        Ok(keys.len())
+    }
+
     async fn archived(&self, run_id: &str) -> Result<Vec<ArchivedRow>> {
         let Some(env) = self.environment_of(run_id).await? else {
             return Ok(Vec::new());

@@ -50,7 +50,6 @@ pub struct WatchReport {
     pub errors: Vec<(String, String, String)>,
     /// Entries the watcher could not use (no id, no completion time, not a notice it reads):
     /// environment, source, why. They do not hold the source back.
-    #[serde(default)]
     pub skipped: Vec<(String, String, String)>,
 }
 
@@ -70,8 +69,8 @@ pub struct Watcher {
     /// Power Platform token sources by environment, kept across polls so a token is reused
     /// until it expires (rebuilt when the entry changes: keyed by its fingerprint).
     pp_tokens: Mutex<HashMap<String, (String, Arc<EntraTokens>)>>,
-    /// Where the fleet gauge goes (stdout in Lambda; nowhere from the CLI).
-    pub metrics: Arc<dyn crate::metrics::MetricsSink>,
+    /// Where the fleet gauge goes (stdout in Lambda); `None` (the CLI) skips computing it.
+    pub metrics: Option<Arc<dyn crate::metrics::MetricsSink>>,
 }
 
 /// Reads a time LCS or Power Platform wrote: RFC 3339, or a UTC date-time without offset.
@@ -103,7 +102,7 @@ impl Watcher {
             secrets,
             lcs_calls: Mutex::new(HashMap::new()),
             pp_tokens: Mutex::new(HashMap::new()),
-            metrics: Arc::new(crate::metrics::Off),
+            metrics: None,
         }
     }
 
@@ -146,13 +145,20 @@ impl Watcher {
                     .push((env.id.clone(), "power-platform".into(), e.to_string()));
             }
         }
-        self.report_overdue_resets(&registry).await;
+        if let Some(metrics) = &self.metrics {
+            self.report_overdue_resets(&registry, metrics.as_ref())
+                .await;
+        }
         Ok(report)
     }
 
     /// The fleet gauge behind the "Reset overdue" alarm: how long the longest-waiting Reset has
     /// been due, over every registered environment (one read each). Best effort.
-    async fn report_overdue_resets(&self, registry: &relink_core::registry::Registry) {
+    async fn report_overdue_resets(
+        &self,
+        registry: &relink_core::registry::Registry,
+        metrics: &dyn crate::metrics::MetricsSink,
+    ) {
         let now = Timestamp::now();
         let mut oldest = 0.0f64;
         for env in registry.iter() {
@@ -173,11 +179,7 @@ impl Watcher {
                 }
             }
         }
-        crate::metrics::emit_seconds(
-            self.metrics.as_ref(),
-            crate::metrics::OLDEST_AWAITING_RESET,
-            oldest,
-        );
+        crate::metrics::emit_seconds(metrics, crate::metrics::OLDEST_AWAITING_RESET, oldest);
     }
 
     /// Starts a run for each completed restore newer than the source's cursor, then moves the
@@ -490,7 +492,7 @@ async fn watcher() -> relink_core::Result<Watcher> {
         http,
         Arc::new(crate::secrets::SecretResolver::new(&config)),
     );
-    watcher.metrics = Arc::new(crate::metrics::Stdout);
+    watcher.metrics = Some(Arc::new(crate::metrics::Stdout));
     Ok(watcher)
 }
 
