@@ -385,6 +385,114 @@ async fn a_registry_change_takes_effect_on_the_next_event_of_a_warm_function() {
     assert_eq!(a.w.sim.snapshot().deleted.values().sum::<usize>(), 0);
 }
 
+/// The next stage starts from the run and the registry entry its event carries only when the
+/// table holds exactly those texts: an entry edited to point elsewhere, or an edited run, makes
+/// the stage read the table, and nothing reaches the edited URL.
+#[tokio::test]
+async fn carried_state_is_used_only_when_the_table_holds_exactly_it() {
+    use relink_aws::lambda::handle_batch;
+    use relink_core::event::Carried;
+    use relink_core::model::{Run, StageStatus};
+    use relink_core::ports::ProgressStore;
+
+    let a = AwsWorld::new(Spec::default()).await;
+    let store = a.store().await;
+    let lease = std::time::Duration::from_secs(60);
+    let run_id = ulid::Ulid::new().to_string();
+    let deps = a.function_deps(Stage::DetectMismatch, lease).await;
+    let out = handle_batch(&deps, AwsWorld::detect_delivery(&run_id))
+        .await
+        .unwrap();
+    assert!(out.batch_item_failures.is_empty());
+    let sent = a.take_event(Stage::PurgeKeys).await;
+    let carried = sent
+        .carried
+        .clone()
+        .expect("detect's event carries its state");
+    let stored = store.get_run(&run_id).await.unwrap().unwrap();
+    assert_eq!(serde_json::from_str::<Run>(&carried.run).unwrap(), stored);
+
+    // The entry edited to send Dataverse and F&O calls to a listener that must hear nothing
+    // (it counts connections and answers 400, so a stage that used the edit fails at once).
+    let hostile = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let elsewhere = format!("http://{}", hostile.local_addr().unwrap());
+    let heard = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = heard.clone();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Ok((mut socket, _)) = hostile.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = socket
+                .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    let mut entry: serde_json::Value = serde_json::from_str(&carried.entry).unwrap();
+    entry["dataverse_url"] = format!("{elsewhere}/dataverse/uat").into();
+    entry["fno_url"] = format!("{elsewhere}/fno/{ENV}").into();
+    let mut forged = sent.clone();
+    forged.carried = Some(Carried {
+        run: carried.run.clone(),
+        entry: entry.to_string(),
+    });
+    let deps = a.function_deps(Stage::PurgeKeys, lease).await;
+    let out = handle_batch(&deps, AwsWorld::delivery_of(forged.to_body()))
+        .await
+        .unwrap();
+    assert!(out.batch_item_failures.is_empty());
+    let run = store.get_run(&run_id).await.unwrap().unwrap();
+    assert_eq!(run.stage(Stage::PurgeKeys).status, StageStatus::Succeeded);
+    assert_eq!(run.stage(Stage::PurgeKeys).attempts, 1);
+
+    // The run edited (forced) on its way to the next stage: the table's run is what counts.
+    let sent = a.take_event(Stage::ClearDataverseConfigs).await;
+    let carried = sent
+        .carried
+        .clone()
+        .expect("purge's event carries its state");
+    let mut run: Run = serde_json::from_str(&carried.run).unwrap();
+    run.options.force = true;
+    let mut forged = sent.clone();
+    forged.carried = Some(Carried {
+        run: serde_json::to_string(&run).unwrap(),
+        entry: carried.entry.clone(),
+    });
+    let deps = a.function_deps(Stage::ClearDataverseConfigs, lease).await;
+    let out = handle_batch(&deps, AwsWorld::delivery_of(forged.to_body()))
+        .await
+        .unwrap();
+    assert!(out.batch_item_failures.is_empty());
+    let run = store.get_run(&run_id).await.unwrap().unwrap();
+    assert_eq!(
+        run.stage(Stage::ClearDataverseConfigs).status,
+        StageStatus::Succeeded
+    );
+    assert!(
+        !run.options.force,
+        "the edited run was not written: {run:?}"
+    );
+    assert_eq!(
+        heard.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing connected to the edited URL"
+    );
+
+    // Unedited, the carried state is used as it is: reset-link starts from it.
+    let sent = a.take_event(Stage::ResetLink).await;
+    assert!(sent.carried.is_some());
+    let deps = a.function_deps(Stage::ResetLink, lease).await;
+    let out = handle_batch(&deps, AwsWorld::delivery_of(sent.to_body()))
+        .await
+        .unwrap();
+    assert!(out.batch_item_failures.is_empty());
+    let run = store.get_run(&run_id).await.unwrap().unwrap();
+    assert_eq!(
+        run.status,
+        relink_core::model::RunStatus::AwaitingConfirmation,
+        "{run:?}"
+    );
+}
+
 #[tokio::test]
 async fn status_all_lists_every_registered_environment_what_needs_a_person_first() {
     let a = AwsWorld::new(Spec {

@@ -26,7 +26,8 @@ local_aws_start() {
   venv=$(local_aws_venv moto "moto[sqs,dynamodb,secretsmanager]==$MOTO_VERSION" flask flask-cors)
   local port
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"$LOCAL_AWS_DIR/moto.log" 2>&1 &
+  # moto_serve.py: moto_server with DynamoDB requests isolated from each other, as in DynamoDB.
+  "$venv/bin/python" "$(dirname "${BASH_SOURCE[0]}")/moto_serve.py" -H 127.0.0.1 -p "$port" >"$LOCAL_AWS_DIR/moto.log" 2>&1 &
   MOTO_PID=$!
   trap 'kill "$MOTO_PID" 2>/dev/null || true' EXIT
   for _ in $(seq 1 100); do

@@ -233,17 +233,48 @@ impl AwsWorld {
         stage: Stage,
         run_id: &str,
     ) -> lambda_runtime::LambdaEvent<aws_lambda_events::event::sqs::SqsEvent> {
-        use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
-        let mut record = SqsMessage::default();
-        record.message_id = Some(ulid::Ulid::new().to_string());
-        record.body = Some(format!(
+        Self::delivery_of(format!(
             r#"{{"environment_id":"{}","run_id":"{run_id}","stage":"{}"}}"#,
             super::ENV,
             stage.as_str()
-        ));
+        ))
+    }
+
+    /// A delivery of one message with this body, as Lambda hands it to a function.
+    pub fn delivery_of(
+        body: String,
+    ) -> lambda_runtime::LambdaEvent<aws_lambda_events::event::sqs::SqsEvent> {
+        use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+        let mut record = SqsMessage::default();
+        record.message_id = Some(ulid::Ulid::new().to_string());
+        record.body = Some(body);
         let mut event = SqsEvent::default();
         event.records = vec![record];
         lambda_runtime::LambdaEvent::new(event, lambda_runtime::Context::default())
+    }
+
+    /// The one message waiting on `stage`'s queue, taken off it (the event a stage sent).
+    pub async fn take_event(&self, stage: Stage) -> relink_core::event::StageEvent {
+        let url = self
+            .queue_url(&format!("{}{}", self.prefix, stage.as_str()))
+            .await;
+        let out = self
+            .sqs
+            .receive_message()
+            .queue_url(&url)
+            .wait_time_seconds(2)
+            .send()
+            .await
+            .unwrap();
+        let message = out.messages.unwrap_or_default().pop().expect("a message");
+        self.sqs
+            .delete_message()
+            .queue_url(&url)
+            .receipt_handle(message.receipt_handle().unwrap())
+            .send()
+            .await
+            .unwrap();
+        relink_core::event::StageEvent::parse(message.body().unwrap()).unwrap()
     }
 
     pub async fn function_deps(

@@ -23,7 +23,8 @@ use relink_aws::{QueueNames, stack};
 use relink_core::event::StageEvent;
 use relink_core::model::{Run, Stage};
 use relink_core::ports::{
-    ArchivedRow, Claimed, LeaseOwner, Lock, ProgressStore, Rejected, StageQueue,
+    ArchivedRow, Claimed, Expect, LeaseOwner, Lock, LockAfter, ProgressStore, RegistrySource,
+    Rejected, StageQueue, Started,
 };
 use relink_core::progress::{Progress, ProgressSink};
 use relink_dynamics::{Http, HttpConnector, RetryPolicy};
@@ -44,6 +45,8 @@ const SECRET: &str = "pipeline-bench-secret";
 struct Spent {
     store: Duration,
     store_calls: usize,
+    /// DynamoDB calls by what made them (store method, or the registry read).
+    calls: std::collections::BTreeMap<&'static str, usize>,
     send: Duration,
     sends: usize,
     handler: Duration,
@@ -66,14 +69,55 @@ struct TimedStore {
     clock: Clock,
 }
 
+/// Times one DynamoDB call made for `what`.
+async fn time_call<T>(clock: &Clock, what: &'static str, f: impl Future<Output = T>) -> T {
+    let t = Instant::now();
+    let out = f.await;
+    let mut c = clock.lock().unwrap();
+    c.store += t.elapsed();
+    c.store_calls += 1;
+    *c.calls.entry(what).or_default() += 1;
+    out
+}
+
 impl TimedStore {
     async fn time<T>(&self, f: impl Future<Output = T>) -> T {
-        let t = Instant::now();
-        let out = f.await;
-        let mut c = self.clock.lock().unwrap();
-        c.store += t.elapsed();
-        c.store_calls += 1;
-        out
+        time_call(&self.clock, "other", f).await
+    }
+    async fn named<T>(&self, what: &'static str, f: impl Future<Output = T>) -> T {
+        time_call(&self.clock, what, f).await
+    }
+}
+
+/// The table registry, timed: each entry read is one DynamoDB `GetItem`.
+struct TimedRegistry {
+    inner: TableRegistry,
+    clock: Clock,
+}
+
+#[async_trait]
+impl RegistrySource for TimedRegistry {
+    async fn registry(&self) -> R<Arc<relink_core::registry::Registry>> {
+        time_call(&self.clock, "registry", self.inner.registry()).await
+    }
+    async fn entry(&self, environment_id: &str) -> R<relink_core::registry::EnvConfig> {
+        time_call(
+            &self.clock,
+            "registry entry",
+            self.inner.entry(environment_id),
+        )
+        .await
+    }
+    async fn entry_with_text(
+        &self,
+        environment_id: &str,
+    ) -> R<(relink_core::registry::EnvConfig, Option<String>)> {
+        time_call(
+            &self.clock,
+            "registry entry",
+            self.inner.entry_with_text(environment_id),
+        )
+        .await
     }
 }
 
@@ -82,13 +126,37 @@ type R<T> = relink_core::Result<T>;
 #[async_trait]
 impl ProgressStore for TimedStore {
     async fn create_run(&self, run: &Run) -> R<()> {
-        self.time(self.inner.create_run(run)).await
+        self.named("create_run", self.inner.create_run(run)).await
+    }
+    async fn find_run(&self, environment_id: &str, run_id: &str) -> R<Option<Run>> {
+        self.named("find_run", self.inner.find_run(environment_id, run_id))
+            .await
+    }
+    async fn start_stage(
+        &self,
+        run: &Run,
+        expect: &Expect,
+        owner: &LeaseOwner,
+        lease: Duration,
+    ) -> R<Started> {
+        self.named(
+            "start_stage",
+            self.inner.start_stage(run, expect, owner, lease),
+        )
+        .await
+    }
+    async fn finish_stage(&self, run: &Run, lock: &LockAfter) -> R<Run> {
+        self.named("finish_stage", self.inner.finish_stage(run, lock))
+            .await
+    }
+    fn checks_carried(&self) -> bool {
+        self.inner.checks_carried()
     }
     async fn get_run(&self, run_id: &str) -> R<Option<Run>> {
-        self.time(self.inner.get_run(run_id)).await
+        self.named("get_run", self.inner.get_run(run_id)).await
     }
     async fn update_run(&self, run: &Run) -> R<Run> {
-        self.time(self.inner.update_run(run)).await
+        self.named("update_run", self.inner.update_run(run)).await
     }
     async fn latest_run(&self, environment_id: &str) -> R<Option<Run>> {
         self.time(self.inner.latest_run(environment_id)).await
@@ -103,8 +171,11 @@ impl ProgressStore for TimedStore {
         owner: &LeaseOwner,
         lease: Duration,
     ) -> R<Result<Lock, Lock>> {
-        self.time(self.inner.acquire_lock(env, run_id, owner, lease))
-            .await
+        self.named(
+            "acquire_lock",
+            self.inner.acquire_lock(env, run_id, owner, lease),
+        )
+        .await
     }
     async fn handover_lock(
         &self,
@@ -113,26 +184,33 @@ impl ProgressStore for TimedStore {
         owner: &LeaseOwner,
         grace: Duration,
     ) -> R<()> {
-        self.time(self.inner.handover_lock(env, run_id, owner, grace))
-            .await
+        self.named(
+            "handover_lock",
+            self.inner.handover_lock(env, run_id, owner, grace),
+        )
+        .await
     }
     async fn get_lock(&self, env: &str) -> R<Option<Lock>> {
         self.time(self.inner.get_lock(env)).await
     }
     async fn release_lock(&self, env: &str, run_id: &str) -> R<()> {
-        self.time(self.inner.release_lock(env, run_id)).await
+        self.named("release_lock", self.inner.release_lock(env, run_id))
+            .await
     }
     async fn archive(&self, run_id: &str, env: &str, rows: &[ArchivedRow]) -> R<()> {
-        self.time(self.inner.archive(run_id, env, rows)).await
+        self.named("archive", self.inner.archive(run_id, env, rows))
+            .await
     }
     async fn archived(&self, run_id: &str) -> R<Vec<ArchivedRow>> {
         self.time(self.inner.archived(run_id)).await
     }
     async fn archived_count(&self, run_id: &str, table: &str) -> R<usize> {
-        self.time(self.inner.archived_count(run_id, table)).await
+        self.named("archived_count", self.inner.archived_count(run_id, table))
+            .await
     }
     async fn note_waiting(&self, env: &str, run_id: &str, note: &str) -> R<()> {
-        self.time(self.inner.note_waiting(env, run_id, note)).await
+        self.named("note_waiting", self.inner.note_waiting(env, run_id, note))
+            .await
     }
     async fn claim_trigger(&self, s: &str, op: &str, run_id: &str) -> R<Result<(), Claimed>> {
         self.time(self.inner.claim_trigger(s, op, run_id)).await
@@ -225,7 +303,10 @@ pub async fn run(fan_out: usize) -> Result<String> {
     let done: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let http = Arc::new(Http::new(RetryPolicy::default(), Arc::new(Quiet))?);
-    let registry = Arc::new(TableRegistry::new(store.clone()));
+    let registry = Arc::new(TimedRegistry {
+        inner: TableRegistry::new(store.clone()),
+        clock: clock.clone(),
+    });
     let secrets = Arc::new(SecretResolver::new(&config));
     let mut pollers = Vec::new();
     for stage in Stage::ALL {
@@ -528,16 +609,38 @@ fn report(seq: &Phase, fan: &Phase, endpoint: &str) -> String {
         let s = &p.spent;
         let other = s.handler.saturating_sub(s.store + s.send);
         format!(
-            "| {envs} | {wait} | {handler} | {store} ({sc} calls) | {send} ({sn} sends) | {other} | {ack} |",
+            "| {envs} | {wait} | {handler} | {store} ({sc:.1} calls) | {send} ({sn} sends) | {other} | {ack} |",
             envs = p.envs,
             wait = per_env(p, s.queue_wait),
             handler = per_env(p, s.handler),
             store = per_env(p, s.store),
-            sc = s.store_calls / p.envs,
+            sc = s.store_calls as f64 / p.envs as f64,
             send = per_env(p, s.send),
             sn = s.sends / p.envs,
             other = per_env(p, other),
             ack = per_env(p, s.ack),
+        )
+    };
+    let kinds: Vec<&str> = seq
+        .spent
+        .calls
+        .keys()
+        .chain(fan.spent.calls.keys())
+        .copied()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let by_kind = |p: &Phase| {
+        let per = |n: usize| format!("{:.1}", n as f64 / p.envs as f64);
+        let cells: Vec<String> = kinds
+            .iter()
+            .map(|k| per(p.spent.calls.get(k).copied().unwrap_or(0)))
+            .collect();
+        format!(
+            "| {} | {} | {} |",
+            p.envs,
+            cells.join(" | "),
+            per(p.spent.store_calls)
         )
     };
     format!(
@@ -553,9 +656,14 @@ fn report(seq: &Phase, fan: &Phase, endpoint: &str) -> String {
          | {fnn} | all at once | {fw:.1} s | {ft:.1} env/s | {fp50} | {fp95} |\n\n\
          Where the time goes, per environment (sums over its four stages; handler time includes the store and send calls made \
          inside it, \"other\" is the rest of the handler: Dynamics HTTP, archive encoding, logic):\n\n\
-         | environments | queue wait (sent to received) | handler | of which store | of which queue sends | other | acknowledging |\n\
+         | environments | queue wait (sent to received) | handler | of which DynamoDB | of which queue sends | other | acknowledging |\n\
          | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n\
-         {b1}\n{b2}\n",
+         {b1}\n{b2}\n\n\
+         DynamoDB calls per environment through the four stages, by what made them (registry entry reads included;          a stage starts with one transaction that marks it running and takes the lease, and ends with one that records it and          hands the lock on; the events between stages carry the run and the registry entry, which that first transaction          checks instead of reading them):\n\n\
+         | environments | {kinds} | all |\n\
+         | ---: |{kind_cols} ---: |\n\
+         {c1}\n{c2}\n\n\
+         Before this path (commit d05987b, docs/BENCHMARKS.md of that commit): 27 store calls per environment, plus the 4          registry entry reads that the benchmark did not count then, so 31 DynamoDB calls.\n",
         sn = seq.envs,
         sw = seq.wall.as_secs_f64(),
         st = seq.envs as f64 / seq.wall.as_secs_f64(),
@@ -568,5 +676,9 @@ fn report(seq: &Phase, fan: &Phase, endpoint: &str) -> String {
         fp95 = ms(percentile(&fan.e2e, 0.95)),
         b1 = breakdown(seq),
         b2 = breakdown(fan),
+        kinds = kinds.join(" | "),
+        kind_cols = " ---: |".repeat(kinds.len()),
+        c1 = by_kind(seq),
+        c2 = by_kind(fan),
     )
 }

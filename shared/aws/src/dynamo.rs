@@ -26,8 +26,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, Put, PutRequest, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
-    WriteRequest,
+    AttributeValue, ConditionCheck, Delete, Put, PutRequest, ReturnValuesOnConditionCheckFailure,
+    TransactWriteItem, Update, WriteRequest,
 };
 use jiff::Timestamp;
 use serde_json::Value;
@@ -35,8 +35,11 @@ use serde_json::Value;
 use super::sdk_error;
 use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use relink_core::error::{Error, Result};
+use relink_core::event::digest;
 use relink_core::model::Run;
-use relink_core::ports::{ArchivedRow, Claimed, LeaseOwner, Lock, ProgressStore, Rejected};
+use relink_core::ports::{
+    ArchivedRow, Claimed, Expect, LeaseOwner, Lock, LockAfter, ProgressStore, Rejected, Started,
+};
 
 /// How long runs, archives and other items are kept (the `expires_at` TTL).
 pub const RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
@@ -46,6 +49,10 @@ const CHUNK_BYTES: usize = 300 * 1024;
 pub const GSI1: &str = "gsi1";
 
 type Item = HashMap<String, AttributeValue>;
+
+/// When the environment's lock may be taken for run `:run` by `:owner`: it is free or lapsed, or
+/// the run holds it with the same owner or with none (between stages).
+const LOCK_FREE: &str = "attribute_not_exists(PK) OR lease_until <= :now OR (run_id = :run AND (#o = :owner OR #o = :none))";
 
 /// DynamoDB-backed [`ProgressStore`] and registry.
 #[derive(Clone)]
@@ -86,20 +93,30 @@ fn is_condition_failed<E: ProvideErrorMetadata>(e: &E) -> bool {
     e.code() == Some("ConditionalCheckFailedException")
 }
 
+/// The per-item reasons of a cancelled transaction (in the order of its items), or `None` when
+/// it failed otherwise.
+fn cancellation_reasons(
+    e: &aws_sdk_dynamodb::error::SdkError<
+        aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError,
+    >,
+) -> Option<Vec<aws_sdk_dynamodb::types::CancellationReason>> {
+    use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+    match e.as_service_error() {
+        Some(TransactWriteItemsError::TransactionCanceledException(t)) => {
+            Some(t.cancellation_reasons().to_vec())
+        }
+        _ => None,
+    }
+}
+
 /// Whether a transaction was cancelled because one of its conditions failed.
 fn is_transaction_condition_failed(
     e: &aws_sdk_dynamodb::error::SdkError<
         aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError,
     >,
 ) -> bool {
-    use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-    match e.as_service_error() {
-        Some(TransactWriteItemsError::TransactionCanceledException(t)) => t
-            .cancellation_reasons()
-            .iter()
-            .any(|r| r.code() == Some("ConditionalCheckFailed")),
-        _ => false,
-    }
+    cancellation_reasons(e)
+        .is_some_and(|r| r.iter().any(|r| r.code() == Some("ConditionalCheckFailed")))
 }
 
 /// A conditional write whose failed condition means "nothing to do" (not ours, already gone).
@@ -142,7 +159,9 @@ impl DynamoStore {
     }
 
     fn run_item(&self, run: &Run) -> Item {
+        let body = serde_json::to_string(run).expect("a run serialises");
         HashMap::from([
+            ("digest".into(), s(digest(&body))),
             ("PK".into(), s(env_pk(&run.environment_id))),
             ("SK".into(), s(format!("RUN#{}", run.run_id))),
             ("gsi1pk".into(), s("RUNS")),
@@ -150,10 +169,7 @@ impl DynamoStore {
             ("run_id".into(), s(&run.run_id)),
             ("status".into(), s(run.status.as_str())),
             ("version".into(), n(run.version)),
-            (
-                "body".into(),
-                s(serde_json::to_string(run).expect("a run serialises")),
-            ),
+            ("body".into(), s(body)),
             ("expires_at".into(), n(self.expires_at())),
         ])
     }
@@ -250,6 +266,7 @@ impl DynamoStore {
 
     /// Stores a registry entry (the JSON form of its TOML table).
     pub async fn put_entry(&self, environment_id: &str, entry: &Value) -> Result<()> {
+        let text = entry.to_string();
         self.client
             .put_item()
             .table_name(&self.table)
@@ -257,7 +274,8 @@ impl DynamoStore {
             .item("SK", s("CONFIG"))
             .item("gsi1pk", s("CONFIG"))
             .item("gsi1sk", s(environment_id))
-            .item("entry", s(entry.to_string()))
+            .item("entry", s(&text))
+            .item("digest", s(digest(&text)))
             .item("updated_at", s(Timestamp::now().to_string()))
             .send()
             .await
@@ -268,11 +286,26 @@ impl DynamoStore {
     /// One environment's registry entry (one read); `None` when the table has none. An entry
     /// that is not JSON is a configuration error of that environment only.
     pub async fn entry(&self, environment_id: &str) -> Result<Option<Value>> {
+        Ok(self
+            .entry_text(environment_id)
+            .await?
+            .map(|(value, _)| value))
+    }
+
+    /// One environment's registry entry and its stored text (one read), when the text carries
+    /// its digest (written by `put_entry`): only then can a stage pass it on for the next to check.
+    pub async fn entry_text(
+        &self,
+        environment_id: &str,
+    ) -> Result<Option<(Value, Option<String>)>> {
         let Some(item) = self.get_item(config_pk(environment_id), "CONFIG").await? else {
             return Ok(None);
         };
         let text = get_s(&item, "entry").unwrap_or_default();
-        serde_json::from_str(text).map(Some).map_err(|e| {
+        let checked = get_s(&item, "digest")
+            .is_some_and(|d| d == digest(text))
+            .then(|| text.to_string());
+        serde_json::from_str(text).map(|v| Some((v, checked))).map_err(|e| {
             Error::Config(format!(
                 "registry entry `{environment_id}` in the table is not readable ({e}); run relink env push {environment_id}"
             ))
@@ -294,6 +327,30 @@ impl DynamoStore {
         Ok(out)
     }
 
+    /// A transaction's put of an item that must not exist yet.
+    fn put_new(&self, item: Item) -> TransactWriteItem {
+        TransactWriteItem::builder()
+            .put(
+                Put::builder()
+                    .table_name(&self.table)
+                    .set_item(Some(item))
+                    .condition_expression("attribute_not_exists(PK)")
+                    .build()
+                    .expect("table and item are set"),
+            )
+            .build()
+    }
+
+    /// The run id -> environment pointer of a run.
+    fn pointer_item(&self, run: &Run) -> Item {
+        HashMap::from([
+            ("PK".to_string(), s(format!("RUN#{}", run.run_id))),
+            ("SK".to_string(), s("RUN")),
+            ("environment_id".to_string(), s(&run.environment_id)),
+            ("expires_at".to_string(), n(self.expires_at())),
+        ])
+    }
+
     fn lock_from(item: &Item) -> Option<Lock> {
         Some(Lock {
             environment_id: get_s(item, "PK")?.strip_prefix("ENV#")?.to_string(),
@@ -309,29 +366,11 @@ impl DynamoStore {
 #[async_trait]
 impl ProgressStore for DynamoStore {
     async fn create_run(&self, run: &Run) -> Result<()> {
-        let put = |item: Item| {
-            TransactWriteItem::builder()
-                .put(
-                    Put::builder()
-                        .table_name(&self.table)
-                        .set_item(Some(item))
-                        .condition_expression("attribute_not_exists(PK)")
-                        .build()
-                        .expect("table and item are set"),
-                )
-                .build()
-        };
-        let pointer = HashMap::from([
-            ("PK".to_string(), s(format!("RUN#{}", run.run_id))),
-            ("SK".to_string(), s("RUN")),
-            ("environment_id".to_string(), s(&run.environment_id)),
-            ("expires_at".to_string(), n(self.expires_at())),
-        ]);
         match self
             .client
             .transact_write_items()
-            .transact_items(put(self.run_item(run)))
-            .transact_items(put(pointer))
+            .transact_items(self.put_new(self.run_item(run)))
+            .transact_items(self.put_new(self.pointer_item(run)))
             .send()
             .await
         {
@@ -409,6 +448,202 @@ impl ProgressStore for DynamoStore {
         }
     }
 
+    /// One transaction: the run (created, or put over the version it had, and over the body and
+    /// the registry entry an event carried when it carried them) and the lock.
+    async fn start_stage(
+        &self,
+        run: &Run,
+        expect: &Expect,
+        owner: &LeaseOwner,
+        lease: Duration,
+    ) -> Result<Started> {
+        let now = Timestamp::now();
+        let until = now + lease;
+        let mut items = Vec::with_capacity(4);
+        let written = match expect {
+            Expect::New => {
+                items.push(self.put_new(self.run_item(run)));
+                items.push(self.put_new(self.pointer_item(run)));
+                run.clone()
+            }
+            Expect::Stored {
+                run_digest,
+                entry_digest,
+            } => {
+                let mut next = run.clone();
+                next.version += 1;
+                let mut put = Put::builder()
+                    .table_name(&self.table)
+                    .set_item(Some(self.run_item(&next)))
+                    .expression_attribute_values(":v", n(run.version));
+                put = match run_digest {
+                    Some(d) => put
+                        .condition_expression("version = :v AND digest = :d")
+                        .expression_attribute_values(":d", s(d)),
+                    None => put.condition_expression("version = :v"),
+                };
+                items.push(
+                    TransactWriteItem::builder()
+                        .put(put.build().expect("table and item are set"))
+                        .build(),
+                );
+                if let Some(d) = entry_digest {
+                    let check = ConditionCheck::builder()
+                        .table_name(&self.table)
+                        .key("PK", s(config_pk(&run.environment_id)))
+                        .key("SK", s("CONFIG"))
+                        .condition_expression("digest = :d")
+                        .expression_attribute_values(":d", s(d))
+                        .build()
+                        .expect("table, key and condition are set");
+                    items.push(TransactWriteItem::builder().condition_check(check).build());
+                }
+                next
+            }
+        };
+        let lock_at = items.len();
+        let lock = Put::builder()
+            .table_name(&self.table)
+            .item("PK", s(env_pk(&run.environment_id)))
+            .item("SK", s("LOCK"))
+            .item("run_id", s(&run.run_id))
+            .item("owner", s(&owner.0))
+            .item("lease_until", n(until.as_millisecond()))
+            .item("expires_at", n(self.expires_at()))
+            .condition_expression(LOCK_FREE)
+            .expression_attribute_names("#o", "owner")
+            .expression_attribute_values(":now", n(now.as_millisecond()))
+            .expression_attribute_values(":run", s(&run.run_id))
+            .expression_attribute_values(":owner", s(&owner.0))
+            .expression_attribute_values(":none", s(""))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .build()
+            .expect("table and item are set");
+        items.push(TransactWriteItem::builder().put(lock).build());
+        let res = self
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send()
+            .await;
+        let reasons = match res {
+            Ok(_) => return Ok(Started::Ok(written)),
+            Err(e) => match cancellation_reasons(&e) {
+                Some(reasons) => reasons,
+                None => return Err(store_err("TransactWriteItems start stage", &e)),
+            },
+        };
+        let failed = |i: usize| {
+            reasons
+                .get(i)
+                .is_some_and(|r| r.code() == Some("ConditionalCheckFailed"))
+        };
+        if (0..lock_at).any(failed) {
+            return Ok(Started::Stale);
+        }
+        if failed(lock_at) {
+            let held = reasons[lock_at].item().and_then(Self::lock_from);
+            return match held {
+                Some(l) => Ok(Started::Held(l)),
+                // Some servers do not return the old item: read it.
+                None => match self.get_lock(&run.environment_id).await? {
+                    Some(l) => Ok(Started::Held(l)),
+                    None => Ok(Started::Stale),
+                },
+            };
+        }
+        // Cancelled for another reason (a concurrent transaction on one of the items).
+        Err(Error::Conflict(format!(
+            "stage start of run {} collided with another write; it will be retried",
+            run.run_id
+        )))
+    }
+
+    /// One transaction: the run over the version it had, and the lock handed over or deleted.
+    /// When only the lock's condition fails (it lapsed and another run holds it now), the run
+    /// is written alone.
+    async fn finish_stage(&self, run: &Run, lock: &LockAfter) -> Result<Run> {
+        let mut next = run.clone();
+        next.version += 1;
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(self.run_item(&next)))
+            .condition_expression("version = :v")
+            .expression_attribute_values(":v", n(run.version))
+            .build()
+            .expect("table and item are set");
+        let key =
+            |pk: String| HashMap::from([("PK".to_string(), s(pk)), ("SK".to_string(), s("LOCK"))]);
+        let lock_item = match lock {
+            LockAfter::Handover { owner, grace } => TransactWriteItem::builder()
+                .update(
+                    Update::builder()
+                        .table_name(&self.table)
+                        .set_key(Some(key(env_pk(&run.environment_id))))
+                        .update_expression("SET #o = :none, lease_until = :until")
+                        .condition_expression("run_id = :run AND #o = :owner")
+                        .expression_attribute_names("#o", "owner")
+                        .expression_attribute_values(":none", s(""))
+                        .expression_attribute_values(
+                            ":until",
+                            n((Timestamp::now() + *grace).as_millisecond()),
+                        )
+                        .expression_attribute_values(":run", s(&run.run_id))
+                        .expression_attribute_values(":owner", s(&owner.0))
+                        .build()
+                        .expect("table, key and expression are set"),
+                )
+                .build(),
+            LockAfter::Release => TransactWriteItem::builder()
+                .delete(
+                    Delete::builder()
+                        .table_name(&self.table)
+                        .set_key(Some(key(env_pk(&run.environment_id))))
+                        .condition_expression("run_id = :run")
+                        .expression_attribute_values(":run", s(&run.run_id))
+                        .build()
+                        .expect("table, key and condition are set"),
+                )
+                .build(),
+        };
+        let res = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().put(put).build())
+            .transact_items(lock_item)
+            .send()
+            .await;
+        let reasons = match res {
+            Ok(_) => return Ok(next),
+            Err(e) => match cancellation_reasons(&e) {
+                Some(reasons) => reasons,
+                None => return Err(store_err("TransactWriteItems finish stage", &e)),
+            },
+        };
+        let failed = |i: usize| {
+            reasons
+                .get(i)
+                .is_some_and(|r| r.code() == Some("ConditionalCheckFailed"))
+        };
+        if failed(0) {
+            Err(Error::Conflict(format!(
+                "run {} changed since it was read (expected version {})",
+                run.run_id, run.version
+            )))
+        } else if failed(1) {
+            self.update_run(run).await
+        } else {
+            Err(Error::Conflict(format!(
+                "recording run {} collided with another write; it will be retried",
+                run.run_id
+            )))
+        }
+    }
+
+    fn checks_carried(&self) -> bool {
+        true
+    }
+
     async fn latest_run(&self, environment_id: &str) -> Result<Option<Run>> {
         let out = self
             .client
@@ -456,7 +691,7 @@ impl ProgressStore for DynamoStore {
             .item("owner", s(&owner.0))
             .item("lease_until", n(until.as_millisecond()))
             .item("expires_at", n(self.expires_at()))
-            .condition_expression("attribute_not_exists(PK) OR lease_until <= :now OR (run_id = :run AND (#o = :owner OR #o = :none))")
+            .condition_expression(LOCK_FREE)
             .expression_attribute_names("#o", "owner")
             .expression_attribute_values(":now", n(now.as_millisecond()))
             .expression_attribute_values(":run", s(run_id))

@@ -34,13 +34,18 @@ impl RegistrySource for TableRegistry {
     }
 
     async fn entry(&self, environment_id: &str) -> Result<EnvConfig> {
-        let entry = self
+        Ok(self.entry_with_text(environment_id).await?.0)
+    }
+
+    async fn entry_with_text(&self, environment_id: &str) -> Result<(EnvConfig, Option<String>)> {
+        let (entry, text) = self
             .store
-            .entry(environment_id)
+            .entry_text(environment_id)
             .await?
             .ok_or_else(|| Error::UnknownEnvironment(environment_id.to_string()))?;
-        Registry::from_entries(&[(environment_id.to_string(), entry)])
+        let env = Registry::from_entries(&[(environment_id.to_string(), entry)])
             .get(environment_id)
-            .cloned()
+            .cloned()?;
+        Ok((env, text))
     }
 }

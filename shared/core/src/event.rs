@@ -8,8 +8,11 @@ use crate::model::{RunOptions, Stage, Trigger};
 
 /// The only schema version this build understands.
 pub const SCHEMA_VERSION: u32 = 1;
-/// Largest event body accepted, in bytes (a v1 event is a few hundred bytes).
-pub const MAX_EVENT_BYTES: usize = 16 * 1024;
+/// Largest event body accepted, in bytes: a v1 event is a few hundred bytes, plus what it
+/// carries ([`MAX_CARRIED_BYTES`]).
+pub const MAX_EVENT_BYTES: usize = 16 * 1024 + MAX_CARRIED_BYTES;
+/// Largest `carried` state an event holds; a stage whose run record is longer sends none.
+pub const MAX_CARRIED_BYTES: usize = 48 * 1024;
 
 /// One stage's work order, as carried on every queue.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +35,33 @@ pub struct StageEvent {
     /// `dry_run` and `force`, both default false.
     #[serde(default)]
     pub options: RunOptions,
+    /// What the previous stage stored, passed on by relink itself so the next stage can start
+    /// without reading it again. An operator never writes it. It is used only when the store
+    /// confirms, in the same conditional write that starts the stage, that both texts are byte
+    /// for byte what it holds; otherwise the stage reads the store as if it were absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carried: Option<Carried>,
+}
+
+/// The state an event carries from one stage to the next ([`StageEvent::carried`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Carried {
+    /// The run record as the previous stage stored it (its JSON text).
+    pub run: String,
+    /// The environment's registry entry as the run read it from the table (its JSON text).
+    pub entry: String,
+}
+
+impl Carried {
+    /// The state to pass on, or `None` when it would make the event too long.
+    pub fn new(run: &crate::model::Run, entry: &str) -> Option<Carried> {
+        let run = serde_json::to_string(run).ok()?;
+        (run.len() + entry.len() <= MAX_CARRIED_BYTES).then(|| Carried {
+            run,
+            entry: entry.to_string(),
+        })
+    }
 }
 
 fn default_version() -> u32 {
@@ -52,6 +82,7 @@ impl StageEvent {
             stage: Stage::DetectMismatch,
             trigger: Trigger::manual(),
             options,
+            carried: None,
         }
     }
 
@@ -110,6 +141,13 @@ impl StageEvent {
             }
             _ => {}
         }
+        if let Some(c) = &self.carried
+            && c.run.len() + c.entry.len() > MAX_CARRIED_BYTES
+        {
+            return Err(Error::BadEvent(format!(
+                "field `carried` is longer than {MAX_CARRIED_BYTES} bytes"
+            )));
+        }
         if !is_token(&self.trigger.source, 32) {
             return Err(Error::BadEvent(
                 "field `trigger.source` must be 1-32 of a-z, 0-9, '-', '_'".into(),
@@ -128,11 +166,12 @@ impl StageEvent {
         Ok(())
     }
 
-    /// The event for the next stage of the same run.
+    /// The event for the next stage of the same run (carrying nothing).
     pub fn for_stage(&self, run_id: &str, stage: Stage) -> StageEvent {
         StageEvent {
             run_id: Some(run_id.to_string()),
             stage,
+            carried: None,
             ..self.clone()
         }
     }
@@ -141,6 +180,16 @@ impl StageEvent {
     pub fn to_body(&self) -> String {
         serde_json::to_string(self).expect("an event always serialises")
     }
+}
+
+/// The SHA-256 of a stored text, in hex: how a store and an event agree that carried state is
+/// what the store holds.
+pub fn digest(text: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Replaces quoted values in a parser message with `"…"`: a poison message may carry a
@@ -250,7 +299,7 @@ mod tests {
         );
         let big = format!(
             r#"{{"environment_id":"a","trigger":{{"operation_id":"{}"}}}}"#,
-            "x".repeat(20_000)
+            "x".repeat(MAX_EVENT_BYTES)
         );
         assert!(
             StageEvent::parse(&big)

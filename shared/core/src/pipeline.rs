@@ -1,19 +1,21 @@
-//! Runs stage events against the progress store: load or create the run, take the environment
-//! lock, apply the guards, execute the stage, record the outcome with a conditional write and
-//! send the next stage's event. The CLI and the Lambda functions both call [`Engine::handle`].
+//! Runs stage events against the progress store: load or create the run, mark the stage running
+//! and take the environment's lease (one conditional write), apply the guards, execute the
+//! stage, record the outcome and hand the environment over (one conditional write), and send the
+//! next stage's event, which carries the run so that the next stage need not read it again. The CLI and the Lambda functions both call [`Engine::handle`].
 
 use std::time::Duration;
 
 use jiff::Timestamp;
 
 use crate::error::{Error, Result};
-use crate::event::StageEvent;
+use crate::event::{Carried, StageEvent, digest};
 use crate::model::{Run, RunStatus, Stage, StageStatus};
 use crate::ports::{
-    Connector, LeaseOwner, Liveness, ProgressStore, RegistrySource, ResetDriver, StageQueue,
+    Connector, Expect, LeaseOwner, Liveness, Lock, LockAfter, ProgressStore, RegistrySource,
+    ResetDriver, StageQueue, Started,
 };
 use crate::progress::{Progress, ProgressSink};
-use crate::registry::EnvConfig;
+use crate::registry::{EnvConfig, Registry};
 use crate::stages::{self, StageCtx, StageReport, Then};
 
 /// Everything a stage handler needs, wired by a binary.
@@ -60,96 +62,104 @@ impl Engine<'_> {
     /// recorded as the stage's error and returned as `Err` so the event is delivered again.
     pub async fn handle(&self, event: &StageEvent) -> Result<Handled> {
         event.validate()?;
-        // A delivery with nothing left to do (a duplicate, a run that is over) is answered from
-        // the run record alone: no registry read, no secret, no Dynamics call.
-        let mut env = None;
-        let run = match self.existing_run(event).await? {
-            Some(run) => run,
-            None => {
-                // An unknown environment is refused before a run is created for it.
-                env = Some(self.registry.entry(&event.environment_id).await?);
-                self.create_run(event).await?
-            }
-        };
-        if let Some(done) = self.already_handled(run.clone(), event).await? {
-            return Ok(done);
+        if let Some(carried) = &event.carried
+            && self.store.checks_carried()
+            && let Some(handled) = self.handle_carried(event, carried).await?
+        {
+            return Ok(handled);
         }
-        let env = &match env {
-            Some(env) => env,
-            None => self.registry.entry(&event.environment_id).await?,
-        };
         let stage = event.stage;
-        if let Some(before) = Stage::ALL
-            .iter()
-            .take_while(|s| **s != stage)
-            .find(|s| !run.stage(**s).status.is_done())
-        {
-            let why = format!(
-                "stage {stage} of run {} arrived before {before} finished; it will be retried",
-                run.run_id
-            );
-            self.store
-                .note_waiting(
-                    &env.id,
-                    &run.run_id,
-                    &format!("{why} ({})", Timestamp::now()),
-                )
-                .await
-                .ok();
-            return Err(Error::Conflict(why));
-        }
-        if let Err(e) = self.take_lock(env, &run).await {
-            if let Error::LockHeld { holder, until, .. } = &e {
-                let note = if holder.starts_with(&run.run_id) {
-                    // The same run's earlier invocation (dead, or still at work) holds the lease.
-                    format!(
-                        "{stage} refused a delivery at {}: an earlier attempt of this run ({holder}) holds environment {} until {until}; the queue delivers it again, and it goes on once that lease is renewed no more",
-                        Timestamp::now(),
-                        env.id
-                    )
-                } else {
-                    format!(
-                        "{stage} waits: environment {} is held by run {holder} (lease until {until}); the queue delivers it again",
-                        env.id
-                    )
-                };
-                self.store
-                    .note_waiting(&env.id, &run.run_id, &note)
-                    .await
-                    .ok();
+        let mut entry = None;
+        for _ in 0..MAX_STALE_STARTS {
+            // A delivery with nothing left to do (a duplicate, a run that is over) is answered
+            // from the run record alone: no registry read, no secret, no Dynamics call.
+            let existing = self.existing_run(event).await?;
+            if let Some(run) = &existing
+                && let Some(done) = self.already_handled(run.clone(), event).await?
+            {
+                return Ok(done);
             }
-            return Err(e);
+            // An unknown environment is refused before a run is created for it.
+            if entry.is_none() {
+                entry = Some(self.registry.entry_with_text(&event.environment_id).await?);
+            }
+            let (env, text) = entry.as_ref().expect("read above");
+            let (run, expect) = match existing {
+                Some(run) => {
+                    self.check_order(env, &run, stage).await?;
+                    let expect = Expect::Stored {
+                        run_digest: None,
+                        entry_digest: None,
+                    };
+                    (run, expect)
+                }
+                None => (self.new_run(event), Expect::New),
+            };
+            match self.start(env, run, stage, &expect).await? {
+                Start::Running(run) => {
+                    return self.run_started(env, text.as_deref(), run, stage).await;
+                }
+                Start::Ended(run) => {
+                    return Ok(Handled {
+                        run,
+                        next: None,
+                        duplicate: false,
+                    });
+                }
+                // Another delivery moved the run since it was read: look again.
+                Start::Stale => {}
+            }
         }
-        // With the lock held, the run read now is authoritative: a concurrent delivery of the
-        // same event may have finished the stage meanwhile.
-        let run = self
-            .store
-            .find_run(&run.environment_id, &run.run_id)
-            .await?
-            .ok_or_else(|| Error::RunNotFound(run.run_id.clone()))?;
-        if let Some(done) = self.already_handled(run.clone(), event).await? {
-            self.store
-                .handover_lock(&env.id, &run.run_id, &self.owner, self.handover_grace)
-                .await?;
-            return Ok(done);
+        Err(Error::Conflict(format!(
+            "the run of environment {} kept changing while stage {stage} started; the event will be retried",
+            event.environment_id
+        )))
+    }
+
+    /// Starts the stage from the state the event carries, without reading the store: the write
+    /// that starts it holds only if the run and the registry entry are byte for byte what the
+    /// store has. `None` when the carried state cannot be used (then the store is read).
+    async fn handle_carried(
+        &self,
+        event: &StageEvent,
+        carried: &Carried,
+    ) -> Result<Option<Handled>> {
+        let stage = event.stage;
+        let Ok(run) = serde_json::from_str::<Run>(&carried.run) else {
+            return Ok(None);
+        };
+        let usable = event.run_id.as_deref() == Some(run.run_id.as_str())
+            && run.environment_id == event.environment_id
+            && run.status == RunStatus::Running
+            && !run.stage(stage).status.is_done()
+            && Stage::ALL
+                .iter()
+                .take_while(|s| **s != stage)
+                .all(|s| run.stage(*s).status.is_done());
+        if !usable {
+            return Ok(None);
         }
-        let run_id = run.run_id.clone();
-        let result = self.run_stage(env, run, stage).await;
-        if let Err(e) = &result
-            && e.is_retryable()
-        {
-            // Keep the environment for the retry, but free the worker slot so a redelivery can take it.
-            self.store
-                .handover_lock(&env.id, &run_id, &self.owner, self.handover_grace)
-                .await
-                .ok();
+        let id = &event.environment_id;
+        let Ok(env) = serde_json::from_str(&carried.entry)
+            .map_err(|e| Error::Config(e.to_string()))
+            .and_then(|v| Registry::from_entries(&[(id.clone(), v)]).get(id).cloned())
+        else {
+            return Ok(None);
+        };
+        if stages::guard_production(&env).is_err() {
+            return Ok(None);
         }
-        let (run, next) = result?;
-        Ok(Handled {
-            run,
-            next,
-            duplicate: false,
-        })
+        let expect = Expect::Stored {
+            run_digest: Some(digest(&carried.run)),
+            entry_digest: Some(digest(&carried.entry)),
+        };
+        match self.start(&env, run, stage, &expect).await? {
+            Start::Running(run) => Ok(Some(
+                self.run_started(&env, Some(&carried.entry), run, stage)
+                    .await?,
+            )),
+            Start::Ended(_) | Start::Stale => Ok(None),
+        }
     }
 
     /// `Some` when the event has nothing left to do: the run is over or waits for an operator,
@@ -184,6 +194,30 @@ impl Engine<'_> {
         }))
     }
 
+    /// Refuses (for now) a stage whose predecessors have not finished.
+    async fn check_order(&self, env: &EnvConfig, run: &Run, stage: Stage) -> Result<()> {
+        let Some(before) = Stage::ALL
+            .iter()
+            .take_while(|s| **s != stage)
+            .find(|s| !run.stage(**s).status.is_done())
+        else {
+            return Ok(());
+        };
+        let why = format!(
+            "stage {stage} of run {} arrived before {before} finished; it will be retried",
+            run.run_id
+        );
+        self.store
+            .note_waiting(
+                &env.id,
+                &run.run_id,
+                &format!("{why} ({})", Timestamp::now()),
+            )
+            .await
+            .ok();
+        Err(Error::Conflict(why))
+    }
+
     /// The event's run if it exists (checked against the event's environment).
     async fn existing_run(&self, event: &StageEvent) -> Result<Option<Run>> {
         let Some(id) = &event.run_id else {
@@ -202,28 +236,96 @@ impl Engine<'_> {
         }
     }
 
-    /// Creates the event's run (only a `detect-mismatch` event gets here without a run).
-    async fn create_run(&self, event: &StageEvent) -> Result<Run> {
+    /// The run a `detect-mismatch` event starts (only it gets here without a stored run).
+    fn new_run(&self, event: &StageEvent) -> Run {
         let run_id = event
             .run_id
             .clone()
             .unwrap_or_else(|| ulid::Ulid::new().to_string());
-        let run = Run::new(
+        Run::new(
             run_id,
             event.environment_id.clone(),
             event.options,
             event.trigger.clone(),
-        );
-        match self.store.create_run(&run).await {
-            Ok(()) => Ok(run),
-            // A concurrent delivery created it first: use theirs.
-            Err(Error::Conflict(_)) => self
-                .store
-                .get_run(&run.run_id)
-                .await?
-                .ok_or(Error::RunNotFound(run.run_id)),
-            Err(e) => Err(e),
+        )
+    }
+
+    /// Marks the stage running and takes the environment's lease, in one write. A registry entry
+    /// that marks the environment as production ends the run here, before anything is held.
+    async fn start(
+        &self,
+        env: &EnvConfig,
+        run: Run,
+        stage: Stage,
+        expect: &Expect,
+    ) -> Result<Start> {
+        let new = *expect == Expect::New;
+        if let Err(e) = stages::guard_production(env) {
+            return Ok(Start::Ended(self.fail(run, stage, e, new).await?));
         }
+        let mut running = run.clone();
+        running.set_status(RunStatus::Running)?;
+        running.set_stage(stage, StageStatus::Running)?;
+        match self.start_write(&running, expect).await? {
+            Started::Ok(run) => Ok(Start::Running(run)),
+            Started::Stale => Ok(Start::Stale),
+            Started::Held(held) => {
+                if new {
+                    // Recorded as pending, so that status shows the run and why it waits.
+                    match self.store.create_run(&run).await {
+                        Ok(()) | Err(Error::Conflict(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                let e = lock_held(env, &run.run_id, &held);
+                let note = if held.run_id == run.run_id {
+                    // The same run's earlier invocation (dead, or still at work) holds the lease.
+                    format!(
+                        "{stage} refused a delivery at {}: an earlier attempt of this run ({}) holds environment {} until {}; the queue delivers it again, and it goes on once that lease is renewed no more",
+                        Timestamp::now(),
+                        held_by(&held),
+                        env.id,
+                        held.lease_until
+                    )
+                } else {
+                    format!(
+                        "{stage} waits: environment {} is held by run {} (lease until {}); the queue delivers it again",
+                        env.id, held.run_id, held.lease_until
+                    )
+                };
+                self.store
+                    .note_waiting(&env.id, &run.run_id, &note)
+                    .await
+                    .ok();
+                Err(e)
+            }
+        }
+    }
+
+    /// [`ProgressStore::start_stage`], taking over at once from the same run's worker when it
+    /// is known to be dead (same host).
+    async fn start_write(&self, run: &Run, expect: &Expect) -> Result<Started> {
+        let out = self
+            .store
+            .start_stage(run, expect, &self.owner, self.lease_now())
+            .await?;
+        if let Started::Held(held) = &out
+            && held.run_id == run.run_id
+            && let Some(dead) = held
+                .owner
+                .as_ref()
+                .filter(|o| self.liveness.is_gone(o) == Some(true))
+        {
+            tracing::warn!(run_id = %run.run_id, dead_owner = %dead.0, "taking over from a dead worker");
+            self.store
+                .handover_lock(&run.environment_id, &run.run_id, dead, Duration::ZERO)
+                .await?;
+            return self
+                .store
+                .start_stage(run, expect, &self.owner, self.lease_now())
+                .await;
+        }
+        Ok(out)
     }
 
     /// When a long stage stops sending work: early enough before the invocation's deadline to
@@ -247,44 +349,13 @@ impl Engine<'_> {
         }
     }
 
-    async fn take_lock(&self, env: &EnvConfig, run: &Run) -> Result<()> {
-        let mut outcome = self
-            .store
-            .acquire_lock(&env.id, &run.run_id, &self.owner, self.lease_now())
-            .await?;
-        if let Err(held) = &outcome
-            && held.run_id == run.run_id
-            && let Some(dead) = held
-                .owner
-                .as_ref()
-                .filter(|o| self.liveness.is_gone(o) == Some(true))
-        {
-            // The same run's previous worker died on this host: take over without waiting.
-            tracing::warn!(run_id = %run.run_id, dead_owner = %dead.0, "taking over from a dead worker");
-            self.store
-                .handover_lock(&env.id, &run.run_id, dead, Duration::ZERO)
-                .await?;
-            outcome = self
-                .store
-                .acquire_lock(&env.id, &run.run_id, &self.owner, self.lease_now())
-                .await?;
-        }
-        match outcome {
-            Ok(_) => Ok(()),
-            Err(held) => Err(Error::LockHeld {
-                environment: env.id.clone(),
-                holder: match &held.owner {
-                    Some(o) if held.run_id == run.run_id => {
-                        format!("{} (worker {})", held.run_id, o.0)
-                    }
-                    _ => held.run_id.clone(),
-                },
-                until: held.lease_until.to_string(),
-            }),
+    fn handover(&self) -> LockAfter {
+        LockAfter::Handover {
+            owner: self.owner.clone(),
+            grace: self.handover_grace,
         }
     }
 
-    /// Renews the lease until `work` ends; fails if another owner took the environment.
     async fn with_lease<T>(
         &self,
         env: &EnvConfig,
@@ -293,7 +364,8 @@ impl Engine<'_> {
     ) -> Result<T> {
         let renew = async {
             loop {
-                tokio::time::sleep(self.lease / 3).await;
+                // A third of the lease this renewal asks for, which shrinks at the deadline.
+                tokio::time::sleep(self.lease_now() / 3).await;
                 match self
                     .store
                     .acquire_lock(&env.id, run_id, &self.owner, self.lease_now())
@@ -317,35 +389,49 @@ impl Engine<'_> {
         }
     }
 
-    async fn run_stage(
+    /// Runs a started stage and records what it did.
+    async fn run_started(
         &self,
         env: &EnvConfig,
-        mut run: Run,
+        entry_text: Option<&str>,
+        run: Run,
         stage: Stage,
-    ) -> Result<(Run, Option<StageEvent>)> {
-        if let Err(e) = stages::guard_production(env) {
-            return self.fail(run, stage, e).await.map(|r| (r, None));
-        }
-        run.set_status(RunStatus::Running)?;
-        run.set_stage(stage, StageStatus::Running)?;
-        let run = self.store.update_run(&run).await?;
+    ) -> Result<Handled> {
         self.sink.emit(Progress::StageStarted { stage });
         tracing::info!(run_id = %run.run_id, environment_id = %env.id, stage = %stage, attempt = run.stage(stage).attempts, "stage started");
         let report = self
             .with_lease(env, &run.run_id, self.execute(env, &run, stage))
             .await;
-        match report {
-            Ok(report) => self.record(env, run, stage, report).await,
+        let run_id = run.run_id.clone();
+        let result = match report {
+            Ok(report) => self.record(env, entry_text, run, stage, report).await,
             Err(e) if e.is_retryable() => {
                 let mut run = run;
                 run.set_stage(stage, StageStatus::Failed)?;
                 run.set_error(stage, e.to_string());
-                self.store.update_run(&run).await?;
+                // Keeps the environment for the retry, but frees the worker slot so a
+                // redelivery can take it.
+                self.store.finish_stage(&run, &self.handover()).await?;
                 tracing::warn!(run_id = %run.run_id, stage = %stage, error = %e, "stage failed; it can be retried");
                 Err(e)
             }
-            Err(e) => self.fail(run, stage, e).await.map(|r| (r, None)),
+            Err(e) => self.fail(run, stage, e, false).await.map(|r| (r, None)),
+        };
+        if let Err(e) = &result
+            && e.is_retryable()
+        {
+            // Whatever failed after the stage ran, a redelivery must not wait for this lease.
+            self.store
+                .handover_lock(&env.id, &run_id, &self.owner, self.handover_grace)
+                .await
+                .ok();
         }
+        let (run, next) = result?;
+        Ok(Handled {
+            run,
+            next,
+            duplicate: false,
+        })
     }
 
     async fn execute(&self, env: &EnvConfig, run: &Run, stage: Stage) -> Result<StageReport> {
@@ -369,10 +455,13 @@ impl Engine<'_> {
         }
     }
 
-    /// Records a stage's report and moves the run on.
+    /// Records a stage's report and moves the run on: one write records it and hands the
+    /// environment over (or frees it), then the next stage's event is sent, carrying the run as
+    /// recorded and the registry entry when the store checks them.
     async fn record(
         &self,
         env: &EnvConfig,
+        entry_text: Option<&str>,
         mut run: Run,
         stage: Stage,
         report: StageReport,
@@ -410,19 +499,20 @@ impl Engine<'_> {
         if run.status == RunStatus::Succeeded {
             run.instructions = None;
         }
-        let run = self.store.update_run(&run).await?;
-        crate::failpoint::point("stage-recorded", stage);
+        let lock = match next {
+            Some(_) => self.handover(),
+            None => LockAfter::Release,
+        };
+        let run = self.store.finish_stage(&run, &lock).await?;
         self.sink.emit(Progress::StageFinished {
             stage,
             status: report.status.as_str().into(),
             summary: report.summary.clone(),
         });
         tracing::info!(run_id = %run.run_id, environment_id = %env.id, stage = %stage, status = run.stage(stage).status.as_str(), run_status = %run.status, summary = %report.summary, "stage finished");
+        crate::failpoint::point("stage-recorded", stage);
         let next_event = match next {
             Some(n) => {
-                self.store
-                    .handover_lock(&env.id, &run.run_id, &self.owner, self.handover_grace)
-                    .await?;
                 let ev = StageEvent {
                     version: crate::event::SCHEMA_VERSION,
                     run_id: Some(run.run_id.clone()),
@@ -430,21 +520,22 @@ impl Engine<'_> {
                     stage: n,
                     trigger: run.trigger.clone(),
                     options: run.options,
+                    carried: entry_text
+                        .filter(|_| self.store.checks_carried())
+                        .and_then(|text| Carried::new(&run, text)),
                 };
                 self.queue.send(&ev).await?;
                 crate::failpoint::point("next-sent", stage);
                 Some(ev)
             }
-            None => {
-                self.store.release_lock(&env.id, &run.run_id).await?;
-                None
-            }
+            None => None,
         };
         Ok((run, next_event))
     }
 
-    /// Records a permanent failure: the stage failed, the run is refused or failed.
-    async fn fail(&self, mut run: Run, stage: Stage, e: Error) -> Result<Run> {
+    /// Records a permanent failure: the stage failed, the run is refused or failed, and its
+    /// environment is freed. `new`: the run is not stored yet (refused before it started).
+    async fn fail(&self, mut run: Run, stage: Stage, e: Error, new: bool) -> Result<Run> {
         let status = if matches!(e, Error::Refused(_)) {
             RunStatus::Refused
         } else {
@@ -456,10 +547,12 @@ impl Engine<'_> {
         run.set_stage(stage, StageStatus::Failed)?;
         run.set_error(stage, e.to_string());
         run.set_status(status)?;
-        let run = self.store.update_run(&run).await?;
-        self.store
-            .release_lock(&run.environment_id, &run.run_id)
-            .await?;
+        let run = if new {
+            self.store.create_run(&run).await?;
+            run
+        } else {
+            self.store.finish_stage(&run, &LockAfter::Release).await?
+        };
         self.sink.emit(Progress::StageFinished {
             stage,
             status: "failed".into(),
@@ -486,16 +579,12 @@ impl Engine<'_> {
             run.set_error(stage, error.to_string());
         }
         run.set_status(RunStatus::Failed)?;
-        let run = self.store.update_run(&run).await?;
-        self.store
-            .release_lock(&run.environment_id, &run.run_id)
-            .await?;
-        Ok(run)
+        self.store.finish_stage(&run, &LockAfter::Release).await
     }
 
     /// Operator confirmation of a manual reset: verify, then finish the run.
     pub async fn confirm(&self, run_id: &str) -> Result<Run> {
-        let mut run = self
+        let run = self
             .store
             .get_run(run_id)
             .await?
@@ -507,10 +596,22 @@ impl Engine<'_> {
             )));
         }
         let env = &self.registry.entry(&run.environment_id).await?;
-        self.take_lock(env, &run).await?;
         let stage = Stage::ResetLink;
-        run.set_status(RunStatus::Running)?;
-        let run = self.store.update_run(&run).await?;
+        let mut running = run.clone();
+        running.set_status(RunStatus::Running)?;
+        let expect = Expect::Stored {
+            run_digest: None,
+            entry_digest: None,
+        };
+        let run = match self.start_write(&running, &expect).await? {
+            Started::Ok(run) => run,
+            Started::Held(held) => return Err(lock_held(env, &run.run_id, &held)),
+            Started::Stale => {
+                return Err(Error::Conflict(format!(
+                    "run {run_id} changed while it was being confirmed; look at it again and confirm"
+                )));
+            }
+        };
         self.sink.emit(Progress::StageStarted { stage });
         let dataverse = self.connector.dataverse(env)?;
         let fno = self.connector.fno(env)?;
@@ -528,17 +629,51 @@ impl Engine<'_> {
             .with_lease(env, &run.run_id, stages::verify(&ctx))
             .await
         {
-            Ok(report) => Ok(self.record(env, run, stage, report).await?.0),
+            Ok(report) => Ok(self.record(env, None, run, stage, report).await?.0),
             Err(e) if e.is_retryable() => {
                 // Put the run back where the operator left it.
                 let mut back = run;
                 back.set_error(stage, e.to_string());
                 back.set_status(RunStatus::AwaitingConfirmation)?;
-                self.store.update_run(&back).await?;
-                self.store.release_lock(&env.id, &back.run_id).await?;
+                self.store.finish_stage(&back, &LockAfter::Release).await?;
                 Err(e)
             }
-            Err(e) => self.fail(run, stage, e).await,
+            Err(e) => self.fail(run, stage, e, false).await,
         }
+    }
+}
+
+/// How many times a stage start re-reads a run that moved under it before it gives up (the
+/// event is then retried).
+const MAX_STALE_STARTS: usize = 3;
+
+/// What starting a stage came to.
+enum Start {
+    /// The stage is marked running and the lease is this worker's.
+    Running(Run),
+    /// The run ended before the stage began (refused).
+    Ended(Run),
+    /// The run moved since it was read; nothing was written.
+    Stale,
+}
+
+/// The holder of a lock, for messages.
+fn held_by(held: &Lock) -> String {
+    match &held.owner {
+        Some(o) => format!("{} (worker {})", held.run_id, o.0),
+        None => held.run_id.clone(),
+    }
+}
+
+/// The error for a lock held by someone else.
+fn lock_held(env: &EnvConfig, run_id: &str, held: &Lock) -> Error {
+    Error::LockHeld {
+        environment: env.id.clone(),
+        holder: if held.run_id == run_id {
+            held_by(held)
+        } else {
+            held.run_id.clone()
+        },
+        until: held.lease_until.to_string(),
     }
 }

@@ -113,6 +113,56 @@ pub trait ProgressStore: Send + Sync {
             .filter(|r| r.table == table)
             .count())
     }
+    /// Writes `run` (its stage just marked running) and takes the environment's lease for
+    /// `owner`, in one step where the store can: the first thing a stage does. `expect` says what
+    /// the write is conditioned on. The default takes the lease, then writes the run.
+    async fn start_stage(
+        &self,
+        run: &Run,
+        expect: &Expect,
+        owner: &LeaseOwner,
+        lease: Duration,
+    ) -> Result<Started> {
+        if let Err(held) = self
+            .acquire_lock(&run.environment_id, &run.run_id, owner, lease)
+            .await?
+        {
+            return Ok(Started::Held(held));
+        }
+        let written = match expect {
+            Expect::New => self.create_run(run).await.map(|()| run.clone()),
+            Expect::Stored { .. } => self.update_run(run).await,
+        };
+        match written {
+            Ok(run) => Ok(Started::Ok(run)),
+            Err(crate::Error::Conflict(_)) => {
+                // Not started after all: free the worker slot, keep the environment for the run.
+                self.handover_lock(&run.environment_id, &run.run_id, owner, lease)
+                    .await?;
+                Ok(Started::Stale)
+            }
+            Err(e) => Err(e),
+        }
+    }
+    /// Records what a stage did (`run`, whose `version` is the stored one) and moves the
+    /// environment's lock as `lock` says, in one step where the store can. The lock move is
+    /// skipped when the lock is no longer the run's (it lapsed and another run took it).
+    async fn finish_stage(&self, run: &Run, lock: &LockAfter) -> Result<Run> {
+        let written = self.update_run(run).await?;
+        match lock {
+            LockAfter::Handover { owner, grace } => {
+                self.handover_lock(&run.environment_id, &run.run_id, owner, *grace)
+                    .await?
+            }
+            LockAfter::Release => self.release_lock(&run.environment_id, &run.run_id).await?,
+        }
+        Ok(written)
+    }
+    /// Whether [`Expect::Stored`]'s digests are checked by the store in the same write, so an
+    /// event may carry the run and the registry entry in its `carried` field (DynamoDB: yes).
+    fn checks_carried(&self) -> bool {
+        false
+    }
     /// Records that a restore signal (`source`, `operation_id`) starts `run_id`, once: returns
     /// the earlier claim when the signal was seen before.
     async fn claim_trigger(
@@ -135,6 +185,40 @@ pub trait ProgressStore: Send + Sync {
     async fn record_rejected(&self, rejected: &Rejected) -> Result<()>;
     /// Recently rejected messages, newest first.
     async fn rejected(&self, limit: usize) -> Result<Vec<Rejected>>;
+}
+
+/// What [`ProgressStore::start_stage`] conditions its write on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// The run does not exist yet.
+    New,
+    /// The stored run has the version the written one carries; when given, the stored body has
+    /// SHA-256 `run_digest` (hex) and the environment's registry entry `entry_digest`, so state
+    /// an event carried is used only when it is byte for byte what the store holds.
+    Stored {
+        run_digest: Option<String>,
+        entry_digest: Option<String>,
+    },
+}
+
+/// What [`ProgressStore::start_stage`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Started {
+    /// The run is written (with its new version) and the lease is `owner`'s.
+    Ok(Run),
+    /// Another holder has the environment; nothing was written.
+    Held(Lock),
+    /// The run (or the entry) is not what the caller expected; nothing was written: read again.
+    Stale,
+}
+
+/// What [`ProgressStore::finish_stage`] does with the lock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LockAfter {
+    /// Keeps the environment for the run but frees the worker slot, for `grace`.
+    Handover { owner: LeaseOwner, grace: Duration },
+    /// Frees the environment (the run is over or waits for a person).
+    Release,
 }
 
 /// Where stage events go next (SQS in AWS, an in-process queue embedded).
@@ -353,6 +437,14 @@ pub trait RegistrySource: Send + Sync {
     /// handler reads only this. [`crate::Error::UnknownEnvironment`] when there is none.
     async fn entry(&self, environment_id: &str) -> Result<crate::registry::EnvConfig> {
         Ok(self.registry().await?.get(environment_id)?.clone())
+    }
+    /// The entry and its stored text, when the source keeps one (the table): a stage passes the
+    /// text on to the next with its event, and the store checks it instead of it being read again.
+    async fn entry_with_text(
+        &self,
+        environment_id: &str,
+    ) -> Result<(crate::registry::EnvConfig, Option<String>)> {
+        Ok((self.entry(environment_id).await?, None))
     }
 }
 

@@ -44,6 +44,7 @@ pub async fn start_run(
             observed_at: Some(now),
         },
         options: RunOptions::default(),
+        carried: None,
     };
     event.validate()?;
     let claim = format!("{environment_id}/{}", notice.operation_id);
