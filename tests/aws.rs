@@ -385,6 +385,85 @@ async fn a_registry_change_takes_effect_on_the_next_event_of_a_warm_function() {
     assert_eq!(a.w.sim.snapshot().deleted.values().sum::<usize>(), 0);
 }
 
+/// In AWS nobody runs `relink confirm`: the watcher's poll sends a `reset-link` event for each
+/// run awaiting the Reset whose check is due, the stage verifies the link, and once the
+/// operator has reset it the run ends `succeeded`; with no Reset it ends `failed` at the
+/// give-up time.
+#[tokio::test]
+async fn the_watcher_has_an_awaited_reset_checked_until_it_succeeds_or_gives_up() {
+    let a = AwsWorld::new(Spec {
+        uat_rows: 40,
+        project_configs: 5,
+        extra_envs: 1,
+        extra_rows: 10,
+        registry_extra: "verify = { every_seconds = 1, give_up_after_seconds = 10 }".into(),
+        ..Spec::default()
+    })
+    .await;
+    let envs = a.w.envs.clone();
+    // The second environment checks on the same schedule.
+    let text = std::fs::read_to_string(&a.w.config).unwrap();
+    let header = format!("[environments.{}]\n", envs[1]);
+    let text = text.replace(
+        &header,
+        &format!("{header}verify = {{ every_seconds = 1, give_up_after_seconds = 10 }}\n"),
+    );
+    std::fs::write(&a.w.config, text).unwrap();
+    let pushed = a.relink(&["env", "push", &envs[1]]).await;
+    assert_eq!(pushed.code, 0, "{pushed:?}");
+    let runs: Vec<String> = {
+        let mut ids = Vec::new();
+        for env in &envs {
+            ids.push(a.inject(env).await);
+        }
+        ids
+    };
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    for id in &runs {
+        assert_eq!(
+            a.status_json(&["--run", id]).await["status"],
+            "awaiting-confirmation"
+        );
+    }
+    // The operator resets the first environment's link only.
+    a.w.sim.reset_link(&envs[0]).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let report = a.relink(&["watch", "--json"]).await;
+    assert_eq!(report.code, 0, "{report:?}");
+    let rechecks = report.json()["rechecks"].clone();
+    assert_eq!(rechecks.as_array().unwrap().len(), 2, "{rechecks}");
+    assert_eq!(a.drain(&[]).await.code, 0);
+    let first = a.status_json(&["--run", &runs[0]]).await;
+    assert_eq!(first["status"], "succeeded", "{first}");
+    assert_eq!(
+        stage(&first, "reset-link")["outcome"]["checked_by"],
+        "relink (scheduled check)"
+    );
+    let second = a.status_json(&["--run", &runs[1]]).await;
+    assert_eq!(second["status"], "awaiting-confirmation", "{second}");
+    assert_eq!(
+        stage(&second, "reset-link")["outcome"]["checks"],
+        1,
+        "{second}"
+    );
+    // Past the give-up time (10 s after the gate), the next check ends the run.
+    tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+    let late = a.relink(&["watch", "--json"]).await.json();
+    assert_eq!(late["rechecks"].as_array().unwrap().len(), 1, "{late}");
+    assert_eq!(a.drain(&[]).await.code, 0);
+    let second = a.status_json(&["--run", &runs[1]]).await;
+    assert_eq!(second["status"], "failed", "{second}");
+    assert!(
+        stage(&second, "reset-link")["error"]
+            .as_str()
+            .unwrap()
+            .contains("still not reset"),
+        "{second}"
+    );
+    a.assert_queues_empty().await;
+}
+
 /// The next stage starts from the run and the registry entry its event carries only when the
 /// table holds exactly those texts: an entry edited to point elsewhere, or an edited run, makes
 /// the stage read the table, and nothing reaches the edited URL.

@@ -489,3 +489,94 @@ async fn status_all_lists_the_registry_file_with_or_without_a_store() {
     );
     assert!(rows[1..].iter().all(|r| r["status"].is_null()));
 }
+
+/// At the manual gate, `relink run --wait` keeps checking the link by itself: once the operator
+/// has reset it (the simulator plays that part), the run ends `succeeded` with no
+/// `relink confirm`, the check recorded as relink's own.
+#[tokio::test]
+async fn run_wait_notices_the_reset_and_finishes_the_run_by_itself() {
+    let w = World::new(Spec {
+        uat_rows: 30,
+        project_configs: 6,
+        registry_extra: "verify = { every_seconds = 1, give_up_after_seconds = 600 }".into(),
+        ..Spec::default()
+    })
+    .await;
+    let child = w
+        .command(&["run", ENV, "--wait", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Until relink has checked at least once and found the link not reset yet.
+    let mut checked = false;
+    for _ in 0..300 {
+        let out = w.relink(&["status", ENV, "--json"]).await;
+        if out.code == 0 {
+            let run = out.json();
+            checked = run["status"] == "awaiting-confirmation"
+                && stage(&run, "reset-link")["outcome"]["checks"].as_u64() >= Some(1);
+            if checked {
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(checked, "relink checked the awaited Reset by itself");
+    w.sim.reset_link(ENV).unwrap();
+    let out = w.finish(
+        tokio::time::timeout(std::time::Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("the wait ends once the Reset is seen")
+            .unwrap(),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let run = out.json();
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let reset = stage(&run, "reset-link");
+    assert_eq!(reset["outcome"]["verified"], true, "{run}");
+    assert_eq!(reset["outcome"]["checked_by"], "relink (scheduled check)");
+    assert!(reset["outcome"]["checks"].as_u64().unwrap() >= 2, "{run}");
+    assert!(out.stderr.contains("checks the link again"), "{out:?}");
+}
+
+/// With no Reset, the checks go on until the give-up time, which ends the run `failed` with
+/// what happened and what to do.
+#[tokio::test]
+async fn without_a_reset_the_run_gives_up_at_the_configured_time() {
+    let w = World::new(Spec {
+        uat_rows: 10,
+        project_configs: 3,
+        registry_extra: "verify = { every_seconds = 1, give_up_after_seconds = 3 }".into(),
+        ..Spec::default()
+    })
+    .await;
+    let out = w.relink(&["run", ENV]).await;
+    assert_eq!(out.code, 3, "{out:?}");
+    let run_id = w.status().await["run_id"].as_str().unwrap().to_string();
+    let out = w.relink(&["confirm", &run_id, "--wait", "--json"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    let run = out.json();
+    assert_eq!(run["status"], "failed", "{run}");
+    let reset = stage(&run, "reset-link");
+    let error = reset["error"].as_str().unwrap();
+    assert!(
+        error.contains("still not reset") && error.contains("relink run"),
+        "{error}"
+    );
+    assert!(reset["outcome"]["checks"].as_u64().unwrap() >= 2, "{run}");
+    assert_eq!(w.sim.snapshot().deleted_twice.len(), 0);
+}
+
+/// A registry entry whose checks make no sense is refused with the reason.
+#[tokio::test]
+async fn verify_settings_are_validated() {
+    let w = World::new(Spec {
+        registry_extra: "verify = { every_seconds = 0 }".into(),
+        ..Spec::default()
+    })
+    .await;
+    let out = w.relink(&["run", ENV]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("every_seconds"), "{out:?}");
+}

@@ -197,9 +197,14 @@ impl Aws {
     /// `relink watch`: one poll of the restore watcher; exit 1 if a source failed.
     pub async fn watch(&self, json: bool) -> Result<u8> {
         let sqs = self.sqs();
-        let url =
-            relink_aws::sqs::queue_url(&sqs, &self.names.queue(Stage::DetectMismatch)).await?;
-        let queue = SqsQueue::new(sqs, HashMap::from([(Stage::DetectMismatch, url)]));
+        let mut urls = HashMap::new();
+        for stage in [Stage::DetectMismatch, Stage::ResetLink] {
+            urls.insert(
+                stage,
+                relink_aws::sqs::queue_url(&sqs, &self.names.queue(stage)).await?,
+            );
+        }
+        let queue = SqsQueue::new(sqs, urls);
         let http = Arc::new(Http::new(RetryPolicy::default(), Arc::new(TracingSink))?);
         let watcher = relink_aws::watch::Watcher::new(
             Arc::new(self.registry()),
@@ -220,6 +225,9 @@ impl Aws {
                 report.started.len(),
                 report.already_seen
             );
+            for (env, run) in &report.rechecks {
+                println!("{env}: run {run} awaits the Reset -> its link is checked again");
+            }
             for (env, source, why) in &report.skipped {
                 eprintln!(
                     "skipped: {env} ({source}): {}",

@@ -142,6 +142,7 @@ allow_insecure_http = true   # loopback simulators only
 power_platform_api = "{pp}"   # the guards read the environment's type and linked F&O here
 fno_purge_service = "/api/services/RelinkServices/RelinkPurgeService/purge"
 reset = {{ mode = "manual" }}
+verify = {{ every_seconds = 1, give_up_after_seconds = 600 }}   # checks of the Reset (default: every 15 min, give up after 3 days)
 "#,
         fno = sim.fno_url(DEMO_ENV),
         dv = sim.dataverse_url("contoso-uat"),
@@ -196,10 +197,10 @@ reset = {{ mode = "manual" }}
     sim.reset_link(DEMO_ENV).map_err(Error::Config)?;
 
     say(&format!(
-        "relink confirm {}: verify the link is rebuilt towards the right Dataverse",
+        "relink checks the link by itself while the run awaits the Reset (relink run --wait, or relink confirm {} to check now)",
         run.run_id
     ));
-    let confirmed = embedded.confirm(&run.run_id).await?;
+    let confirmed = embedded.wait(run.clone()).await?;
     print!("{}", display::run_text(&confirmed));
     ok &= confirmed.status == RunStatus::Succeeded;
 
@@ -238,6 +239,7 @@ fn request(dry_run: bool) -> RunRequest {
         dry_run,
         force: false,
         from_stage: None,
+        wait: false,
     }
 }
 

@@ -32,6 +32,8 @@ pub struct RunRequest {
     pub dry_run: bool,
     pub force: bool,
     pub from_stage: Option<String>,
+    /// `--wait`: at the gate, keep checking the link until the run ends.
+    pub wait: bool,
 }
 
 /// The adapters of one embedded invocation.
@@ -111,10 +113,59 @@ impl Embedded {
                 Err(e) => return Err(e),
             }
         }
-        self.store
+        let run = self
+            .store
             .get_run(&run_id)
             .await?
-            .ok_or(Error::RunNotFound(run_id))
+            .ok_or(Error::RunNotFound(run_id))?;
+        if req.wait {
+            return self.wait(run).await;
+        }
+        Ok(run)
+    }
+
+    /// `--wait`: while the run awaits the Reset, checks the link every `verify.every_seconds`
+    /// (read-only) until it is rebuilt (the run succeeds) or the give-up time ends the run;
+    /// Ctrl-C stops waiting and leaves the run awaiting.
+    pub async fn wait(&self, mut run: Run) -> Result<Run> {
+        let env = self.registry.get(&run.environment_id)?.clone();
+        let queue = MemQueue::default();
+        let engine = self.engine(&queue);
+        let mut check = StageEvent::manual(&run.environment_id, run.options);
+        check.run_id = Some(run.run_id.clone());
+        check.stage = Stage::ResetLink;
+        while run.status == RunStatus::AwaitingConfirmation {
+            eprintln!(
+                "waiting for the Reset of {}: relink checks the link again in {} s (Ctrl-C stops waiting; the run stays awaiting)",
+                env.id, env.verify.every_seconds
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(env.verify.every()) => {}
+                _ = tokio::signal::ctrl_c() => {
+                    eprintln!(
+                        "stopped waiting: run {} still awaits the Reset; relink confirm {} --wait goes on",
+                        run.run_id, run.run_id
+                    );
+                    return Ok(run);
+                }
+            }
+            match engine.handle(&check).await {
+                Ok(h) => run = h.run,
+                Err(e) if e.is_retryable() => {
+                    eprintln!(
+                        "the check failed ({}); trying again",
+                        crate::display::printable(&e.to_string())
+                    );
+                    run = self
+                        .store
+                        .get_run(&run.run_id)
+                        .await?
+                        .ok_or_else(|| Error::RunNotFound(run.run_id.clone()))?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(run)
     }
 
     /// Decides where to start: the unfinished run of the environment, or a new run.
@@ -216,9 +267,13 @@ impl Embedded {
     }
 
     /// Confirms a manual reset: verify and finish.
-    pub async fn confirm(&self, run_id: &str) -> Result<Run> {
+    pub async fn confirm(&self, run_id: &str, wait: bool) -> Result<Run> {
         let queue = MemQueue::default();
-        self.engine(&queue).confirm(run_id).await
+        let run = self.engine(&queue).confirm(run_id).await?;
+        if wait {
+            return self.wait(run).await;
+        }
+        Ok(run)
     }
 }
 
@@ -247,10 +302,10 @@ pub async fn run(config: &Path, store: &Path, req: RunRequest) -> Result<Run> {
 }
 
 /// `relink confirm`.
-pub async fn confirm(config: &Path, store: &Path, run_id: &str) -> Result<Run> {
+pub async fn confirm(config: &Path, store: &Path, run_id: &str, wait: bool) -> Result<Run> {
     let registry = Registry::load(config)?;
     Embedded::open(registry, store, Arc::new(Display::new()))?
-        .confirm(run_id)
+        .confirm(run_id, wait)
         .await
 }
 

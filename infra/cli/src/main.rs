@@ -87,6 +87,11 @@ enum Command {
         /// Start a new run at this stage (earlier stages are recorded as skipped; the guards still run).
         #[arg(long, value_name = "STAGE")]
         from_stage: Option<String>,
+        /// At the manual gate, keep checking the link (every verify.every_seconds of the entry)
+        /// until the Reset is seen and the run succeeds, or the give-up time ends it; Ctrl-C stops
+        /// waiting and leaves the run awaiting.
+        #[arg(long)]
+        wait: bool,
         /// Print the final run as JSON.
         #[arg(long)]
         json: bool,
@@ -94,6 +99,10 @@ enum Command {
     /// Confirm that the link was reset by hand; relink verifies it and finishes the run.
     Confirm {
         run_id: String,
+        /// When the link is not reset yet, keep checking as `relink run --wait` does (embedded
+        /// mode; in AWS the functions check on the watcher's schedule by themselves).
+        #[arg(long)]
+        wait: bool,
         #[arg(long)]
         json: bool,
     },
@@ -242,14 +251,17 @@ async fn dispatch(cli: Cli) -> u8 {
         queue_prefix: cli.queue_prefix.clone(),
     });
     let result = match cli.command {
-        Command::Run { env, event, dry_run, force, from_stage, json } => {
-            let req = embedded::RunRequest { env, event, dry_run, force, from_stage };
+        Command::Run { env, event, dry_run, force, from_stage, wait, json } => {
+            let req = embedded::RunRequest { env, event, dry_run, force, from_stage, wait };
             embedded::run(&cli.config, &cli.store, req).await.map(|run| report(&run, json))
         }
-        Command::Confirm { run_id, json } => {
+        Command::Confirm { run_id, wait, json } => {
             let run = match &aws_args {
+                Some(_) if wait => Err(relink_core::Error::Config(
+                    "--wait is for embedded mode: in AWS, relink checks an awaited Reset by itself on the watcher's schedule (relink status shows the checks)".into(),
+                )),
                 Some(a) => aws_mode::Aws::connect(a).await.confirm(&run_id, Arc::new(display::Display::new())).await,
-                None => embedded::confirm(&cli.config, &cli.store, &run_id).await,
+                None => embedded::confirm(&cli.config, &cli.store, &run_id, wait).await,
             };
             run.map(|run| report(&run, json))
         }

@@ -49,6 +49,15 @@ pub async fn function_base() -> relink_core::Result<(aws_config::SdkConfig, dyna
 }
 
 /// A sender to the detect-mismatch queue only, at `DETECT_QUEUE_URL` (ingest and watcher).
+/// The watcher's queues: detect-mismatch (new runs) and reset-link (checks of an awaited Reset).
+pub fn watcher_queues(config: &aws_config::SdkConfig) -> relink_core::Result<sqs::SqsQueue> {
+    let urls = std::collections::HashMap::from([
+        (Stage::DetectMismatch, env_var("DETECT_QUEUE_URL")?),
+        (Stage::ResetLink, env_var("RESET_QUEUE_URL")?),
+    ]);
+    Ok(sqs::SqsQueue::new(aws_sdk_sqs::Client::new(config), urls))
+}
+
 pub fn detect_queue(config: &aws_config::SdkConfig) -> relink_core::Result<sqs::SqsQueue> {
     let urls =
         std::collections::HashMap::from([(Stage::DetectMismatch, env_var("DETECT_QUEUE_URL")?)]);
@@ -165,7 +174,8 @@ mod tests {
             }
         }
         assert_eq!(template.matches("ForAllValues:StringNotLike").count(), 4);
-        assert_eq!(template.matches("QUEUE_URL: !Ref ").count(), 4 + 3 + 2);
+        // Four stage functions (own and next queue), ingest (detect), the watcher (detect, reset).
+        assert_eq!(template.matches("QUEUE_URL: !Ref ").count(), 4 + 3 + 1 + 2);
         assert!(template.contains("ReservedConcurrentExecutions: !Ref IngestConcurrency"));
         assert!(template.contains("AttributeName: expires_at"));
         assert_eq!(

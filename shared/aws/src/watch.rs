@@ -51,6 +51,9 @@ pub struct WatchReport {
     /// Entries the watcher could not use (no id, no completion time, not a notice it reads):
     /// environment, source, why. They do not hold the source back.
     pub skipped: Vec<(String, String, String)>,
+    /// Runs awaiting the operator's Reset whose check was due: a `reset-link` event was sent
+    /// for each (environment, run id), and the stage verifies the link again.
+    pub rechecks: Vec<(String, String)>,
 }
 
 /// What a source listed: usable entries with their completion time, or why one is not usable.
@@ -60,7 +63,8 @@ type Entries = Vec<std::result::Result<(Timestamp, Value), String>>;
 pub struct Watcher {
     pub registry: Arc<dyn RegistrySource>,
     pub store: Arc<dyn ProgressStore>,
-    /// Sends to the detect-mismatch queue.
+    /// Sends to the detect-mismatch queue (new runs) and the reset-link queue (checks of an
+    /// awaited Reset).
     pub queue: Arc<dyn StageQueue>,
     pub http: Arc<Http>,
     /// Where the client secrets and LCS tokens the entries name are read from.
@@ -145,41 +149,68 @@ impl Watcher {
                     .push((env.id.clone(), "power-platform".into(), e.to_string()));
             }
         }
-        if let Some(metrics) = &self.metrics {
-            self.report_overdue_resets(&registry, metrics.as_ref())
-                .await;
-        }
+        self.awaiting_resets(&registry, &mut report).await;
         Ok(report)
     }
 
-    /// The fleet gauge behind the "Reset overdue" alarm: how long the longest-waiting Reset has
-    /// been due, over every registered environment (one read each). Best effort.
-    async fn report_overdue_resets(
+    /// Runs awaiting the operator's Reset, over every registered environment (one read each):
+    /// sends a `reset-link` event for each whose check is due (`verify.every_seconds`), and
+    /// emits the fleet gauge behind the "Reset overdue" alarm, how long the longest-waiting
+    /// Reset has been due. Best effort: what fails is tried again at the next poll.
+    async fn awaiting_resets(
         &self,
         registry: &relink_core::registry::Registry,
-        metrics: &dyn crate::metrics::MetricsSink,
+        report: &mut WatchReport,
     ) {
+        use relink_core::model::{RunStatus, Stage};
         let now = Timestamp::now();
         let mut oldest = 0.0f64;
         for env in registry.iter() {
-            match self.store.latest_run(&env.id).await {
-                Ok(Some(run))
-                    if run.status == relink_core::model::RunStatus::AwaitingConfirmation =>
-                {
-                    let since = run
-                        .stage(relink_core::model::Stage::ResetLink)
-                        .started_at
-                        .unwrap_or(run.updated_at);
-                    oldest = oldest.max((now - since).get_seconds().max(0) as f64);
-                }
-                Ok(_) => {}
+            let run = match self.store.latest_run(&env.id).await {
+                Ok(Some(run)) if run.status == RunStatus::AwaitingConfirmation => run,
+                Ok(_) => continue,
                 Err(e) => {
-                    tracing::warn!(environment_id = %env.id, error = %e, "cannot read the latest run for the overdue-Reset gauge");
-                    return;
+                    tracing::warn!(environment_id = %env.id, error = %e, "cannot read the latest run to check an awaited Reset");
+                    report
+                        .errors
+                        .push((env.id.clone(), "recheck".into(), e.to_string()));
+                    continue;
+                }
+            };
+            let since = run
+                .stage(Stage::ResetLink)
+                .started_at
+                .unwrap_or(run.updated_at);
+            oldest = oldest.max((now - since).get_seconds().max(0) as f64);
+            if !relink_core::pipeline::check_due(&run, env, now) {
+                continue;
+            }
+            let event = relink_core::event::StageEvent {
+                version: relink_core::event::SCHEMA_VERSION,
+                run_id: Some(run.run_id.clone()),
+                environment_id: env.id.clone(),
+                stage: Stage::ResetLink,
+                trigger: run.trigger.clone(),
+                options: run.options,
+                carried: None,
+            };
+            match self.queue.send(&event).await {
+                Ok(()) => report.rechecks.push((env.id.clone(), run.run_id.clone())),
+                Err(e) => {
+                    tracing::warn!(environment_id = %env.id, run_id = %run.run_id, error = %e, "cannot queue the check of an awaited Reset");
+                    report
+                        .errors
+                        .push((env.id.clone(), "recheck".into(), e.to_string()));
                 }
             }
         }
-        crate::metrics::emit_seconds(metrics, crate::metrics::OLDEST_AWAITING_RESET, oldest);
+        if let Some(metrics) = &self.metrics {
+            crate::metrics::emit_seconds(
+                metrics.as_ref(),
+                crate::metrics::OLDEST_AWAITING_RESET,
+                oldest,
+            );
+        }
     }
 
     /// Starts a run for each completed restore newer than the source's cursor, then moves the
@@ -480,7 +511,7 @@ pub async fn run_function() -> Result<(), lambda_runtime::Error> {
 
 async fn watcher() -> relink_core::Result<Watcher> {
     let (config, store) = crate::function_base().await?;
-    let queue = crate::detect_queue(&config)?;
+    let queue = crate::watcher_queues(&config)?;
     let http = Arc::new(Http::new(
         relink_dynamics::RetryPolicy::default(),
         Arc::new(relink_core::progress::TracingSink),

@@ -84,6 +84,9 @@ pub enum Error {
     /// The run is not in a state that allows the request.
     #[error("{0}")]
     InvalidState(String),
+    /// A run waited for the operator's Reset past its give-up time.
+    #[error("{0}")]
+    GaveUp(String),
 }
 
 impl Error {

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use jiff::Timestamp;
+use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::event::{Carried, StageEvent, digest};
@@ -74,6 +75,12 @@ impl Engine<'_> {
             // A delivery with nothing left to do (a duplicate, a run that is over) is answered
             // from the run record alone: no registry read, no secret, no Dynamics call.
             let existing = self.existing_run(event).await?;
+            if let Some(run) = &existing
+                && stage == Stage::ResetLink
+                && run.status == RunStatus::AwaitingConfirmation
+            {
+                return self.recheck(run.clone()).await;
+            }
             if let Some(run) = &existing
                 && let Some(done) = self.already_handled(run.clone(), event).await?
             {
@@ -596,6 +603,34 @@ impl Engine<'_> {
             )));
         }
         let env = &self.registry.entry(&run.environment_id).await?;
+        self.verify_awaiting(env, run, CheckedBy::Operator).await
+    }
+
+    /// A `reset-link` delivery for a run that awaits the operator's Reset (the watcher sends one
+    /// when a check is due; `relink run --wait` makes one in process): verifies the link again
+    /// when a check is due, ends the run `succeeded` when the Reset happened, `failed` when the
+    /// give-up time has passed without it. A delivery before the check is due does nothing.
+    async fn recheck(&self, run: Run) -> Result<Handled> {
+        let env = &self.registry.entry(&run.environment_id).await?;
+        if !check_due(&run, env, Timestamp::now()) {
+            return Ok(Handled {
+                run,
+                next: None,
+                duplicate: true,
+            });
+        }
+        let run = self.verify_awaiting(env, run, CheckedBy::Schedule).await?;
+        Ok(Handled {
+            run,
+            next: None,
+            duplicate: false,
+        })
+    }
+
+    /// Verifies an awaiting run's link (read-only) and records the check: `succeeded` when the
+    /// link is rebuilt towards this Dataverse; otherwise back to awaiting, or `failed` once the
+    /// give-up time has passed.
+    async fn verify_awaiting(&self, env: &EnvConfig, run: Run, by: CheckedBy) -> Result<Run> {
         let stage = Stage::ResetLink;
         let mut running = run.clone();
         running.set_status(RunStatus::Running)?;
@@ -608,7 +643,8 @@ impl Engine<'_> {
             Started::Held(held) => return Err(lock_held(env, &run.run_id, &held)),
             Started::Stale => {
                 return Err(Error::Conflict(format!(
-                    "run {run_id} changed while it was being confirmed; look at it again and confirm"
+                    "run {} changed while its link was being verified; look at it again",
+                    run.run_id
                 )));
             }
         };
@@ -625,11 +661,40 @@ impl Engine<'_> {
             sink: self.sink,
             stop_at: None,
         };
+        let checks = checks_of(&run) + 1;
+        let now = Timestamp::now();
         match self
             .with_lease(env, &run.run_id, stages::verify(&ctx))
             .await
         {
-            Ok(report) => Ok(self.record(env, None, run, stage, report).await?.0),
+            Ok(mut report) => {
+                if let Value::Object(o) = &mut report.outcome {
+                    o.insert("checks".into(), checks.into());
+                    o.insert("checked_at".into(), now.to_string().into());
+                    o.insert("checked_by".into(), by.as_str().into());
+                }
+                let gated = gated_at(&run);
+                if matches!(report.then, Then::Await(_))
+                    && now >= gated + env.verify.give_up_after()
+                {
+                    let why = format!(
+                        "the link was still not reset towards {} {} after the gate ({} checks; last: {}); the run gives up. Reset the link as instructed, then start a new run: relink run {}",
+                        env.dataverse_url,
+                        humanize(env.verify.give_up_after()),
+                        checks,
+                        report.summary,
+                        env.id
+                    );
+                    let mut failed = run;
+                    failed.set_outcome(stage, report.outcome);
+                    return self.fail(failed, stage, Error::GaveUp(why), false).await;
+                }
+                if matches!(report.then, Then::Await(_)) {
+                    // Still the operator's move: the instructions stay as they were.
+                    report.then = Then::Await(run.instructions.clone().unwrap_or_default());
+                }
+                Ok(self.record(env, None, run, stage, report).await?.0)
+            }
             Err(e) if e.is_retryable() => {
                 // Put the run back where the operator left it.
                 let mut back = run;
@@ -640,6 +705,70 @@ impl Engine<'_> {
             }
             Err(e) => self.fail(run, stage, e, false).await,
         }
+    }
+}
+
+/// Who verified an awaiting run's link.
+#[derive(Clone, Copy, Debug)]
+enum CheckedBy {
+    /// `relink confirm`.
+    Operator,
+    /// relink on its own (`verify.every_seconds`).
+    Schedule,
+}
+
+impl CheckedBy {
+    fn as_str(self) -> &'static str {
+        match self {
+            CheckedBy::Operator => "relink confirm",
+            CheckedBy::Schedule => "relink (scheduled check)",
+        }
+    }
+}
+
+/// When the run reached the manual gate.
+fn gated_at(run: &Run) -> Timestamp {
+    run.stage(Stage::ResetLink)
+        .started_at
+        .unwrap_or(run.updated_at)
+}
+
+/// How many times the link of an awaiting run was verified.
+fn checks_of(run: &Run) -> u64 {
+    run.stage(Stage::ResetLink)
+        .outcome
+        .as_ref()
+        .and_then(|o| o.get("checks"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+}
+
+/// Whether an awaiting run's next check is due at `now`: `verify.every_seconds` after the last
+/// check (or after the gate), with a second of slack for schedules that fire a little early.
+pub fn check_due(run: &Run, env: &EnvConfig, now: Timestamp) -> bool {
+    if run.status != RunStatus::AwaitingConfirmation {
+        return false;
+    }
+    let last = run
+        .stage(Stage::ResetLink)
+        .outcome
+        .as_ref()
+        .and_then(|o| o.get("checked_at"))
+        .and_then(Value::as_str)
+        .and_then(|t| t.parse::<Timestamp>().ok())
+        .unwrap_or_else(|| gated_at(run));
+    let every = env.verify.every().saturating_sub(Duration::from_secs(1));
+    now >= last + every
+}
+
+/// A duration for messages: `3 days`, `2 hours`, `15 minutes`, `40 seconds`.
+fn humanize(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        s if s >= 86_400 && s % 86_400 == 0 => format!("{} days", s / 86_400),
+        s if s >= 3_600 && s % 3_600 == 0 => format!("{} hours", s / 3_600),
+        s if s >= 60 && s % 60 == 0 => format!("{} minutes", s / 60),
+        s => format!("{s} seconds"),
     }
 }
 

@@ -127,6 +127,42 @@ struct RawEnv {
     power_platform_environment_id: Option<String>,
     #[serde(default)]
     watch: Option<RawWatch>,
+    #[serde(default)]
+    verify: VerifyConfig,
+}
+
+/// While a run awaits the operator's Reset, relink verifies the link again on its own, read-only:
+/// every `every_seconds` (AWS: on the restore watcher's schedule, so at most that often;
+/// embedded: `relink run --wait`, `relink confirm --wait`), and ends the run `failed` when the
+/// link is still not rebuilt `give_up_after_seconds` after the gate (a new run can follow).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerifyConfig {
+    /// Seconds between two checks, 1..=86400 (default 900: 15 minutes).
+    pub every_seconds: u64,
+    /// Seconds after the gate at which the run gives up, at least `every_seconds` (default
+    /// 259200: three days).
+    pub give_up_after_seconds: u64,
+}
+
+impl Default for VerifyConfig {
+    fn default() -> Self {
+        VerifyConfig {
+            every_seconds: 900,
+            give_up_after_seconds: 3 * 24 * 3600,
+        }
+    }
+}
+
+impl VerifyConfig {
+    /// Time between two checks.
+    pub fn every(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.every_seconds)
+    }
+    /// Time from the gate to giving up.
+    pub fn give_up_after(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.give_up_after_seconds)
+    }
 }
 
 #[derive(Deserialize)]
@@ -241,6 +277,8 @@ pub struct EnvConfig {
     pub power_platform_environment_id: Option<String>,
     /// The restore watcher's settings, if it watches this environment.
     pub watch: Option<WatchConfig>,
+    /// Checks of the link while a run awaits the operator's Reset.
+    pub verify: VerifyConfig,
 }
 
 impl EnvConfig {
@@ -540,6 +578,13 @@ fn validate(id: &str, raw: RawEnv, lookup: &impl Fn(&str) -> Option<String>) -> 
             )
         })
         .transpose()?;
+    let v = raw.verify;
+    if !(1..=86_400).contains(&v.every_seconds) || v.give_up_after_seconds < v.every_seconds {
+        return Err(Error::Config(format!(
+            "[environments.{id}] verify: every_seconds must be 1-86400 and give_up_after_seconds at least every_seconds (got {} and {})",
+            v.every_seconds, v.give_up_after_seconds
+        )));
+    }
     Ok(EnvConfig {
         id: id.to_string(),
         kind: raw.kind,
@@ -561,6 +606,7 @@ fn validate(id: &str, raw: RawEnv, lookup: &impl Fn(&str) -> Option<String>) -> 
         watch,
         lcs_environment_id: raw.lcs_environment_id,
         power_platform_environment_id: raw.power_platform_environment_id,
+        verify: raw.verify,
     })
 }
 
