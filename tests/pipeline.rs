@@ -580,3 +580,117 @@ async fn verify_settings_are_validated() {
     assert_eq!(out.code, 2, "{out:?}");
     assert!(out.stderr.contains("every_seconds"), "{out:?}");
 }
+
+/// The gate and the end of a run are told to every configured channel once each, in each
+/// channel's shape, signed where it is a generic webhook, with no secret in any payload; a dead
+/// channel is retried and recorded on the run, and the run ends as it would without it.
+#[tokio::test]
+async fn notices_reach_every_channel_once_and_a_dead_channel_changes_nothing() {
+    use common::Receiver;
+    let teams = Receiver::start(202).await;
+    let slack = Receiver::start(500).await;
+    let hook = Receiver::start(200).await;
+    let w = World::new(Spec {
+        uat_rows: 20,
+        project_configs: 4,
+        registry_extra: "notify = { teams = { env = \"RELINK_T\" }, slack = { env = \"RELINK_S\" }, webhook = { env = \"RELINK_W\" }, webhook_secret = { env = \"RELINK_WS\" } }".into(),
+        ..Spec::default()
+    })
+    .await;
+    let key = format!("notice-signing-key-{}", ulid::Ulid::new());
+    let vars = [
+        ("RELINK_T", teams.url.clone()),
+        ("RELINK_S", slack.url.clone()),
+        ("RELINK_W", hook.url.clone()),
+        ("RELINK_WS", key.clone()),
+    ];
+    let run = |args: &[&str]| {
+        let mut cmd = w.command(args);
+        cmd.envs(vars.iter().map(|(k, v)| (*k, v.as_str())));
+        cmd
+    };
+    let out = w.finish(run(&["run", ENV]).output().await.unwrap());
+    assert_eq!(out.code, 3, "{out:?}");
+    let run_id = w.status().await["run_id"].as_str().unwrap().to_string();
+    assert_eq!(teams.requests().len(), 1);
+    assert_eq!(hook.requests().len(), 1);
+    assert_eq!(
+        slack.requests().len(),
+        3,
+        "the dead channel was tried three times"
+    );
+
+    let card = &teams.bodies()[0];
+    assert_eq!(
+        card["attachments"][0]["contentType"],
+        "application/vnd.microsoft.card.adaptive"
+    );
+    let card_text = card.to_string();
+    assert!(
+        card_text.contains(&run_id) && card_text.contains("Reset link"),
+        "{card}"
+    );
+    let blocks = &slack.bodies()[0];
+    assert_eq!(blocks["blocks"][0]["type"], "header", "{blocks}");
+    let (headers, body) = &hook.requests()[0];
+    relink_core::notify::verify(
+        key.as_bytes(),
+        headers.get("x-relink-timestamp").map(String::as_str),
+        headers.get("x-relink-signature").map(String::as_str),
+        body,
+        jiff::Timestamp::now(),
+    )
+    .expect("the webhook's notice is signed with its key");
+    let notice: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(notice["event"], "awaiting-reset");
+    assert_eq!(notice["run_id"], run_id.as_str());
+    assert!(
+        notice["instructions"]
+            .as_str()
+            .unwrap()
+            .contains("Reset link")
+    );
+    for (_, b) in [&teams, &slack, &hook].iter().flat_map(|r| r.requests()) {
+        let text = String::from_utf8_lossy(&b);
+        for secret in [&w.secret, &key, &teams.url, &slack.url, &hook.url] {
+            assert!(
+                !text.contains(secret.as_str()),
+                "a secret in a payload: {text}"
+            );
+        }
+    }
+    let status = w.status().await;
+    assert_eq!(status["notices"][0]["key"], "awaiting-reset", "{status}");
+    let deliveries = status["notices"][0]["deliveries"].to_string();
+    assert!(
+        deliveries.contains(r#""channel":"teams","result":"sent""#)
+            && deliveries.contains("HTTP 500 after 3 attempts")
+            && !deliveries.contains(&slack.url),
+        "{deliveries}"
+    );
+
+    // The operator resets; confirm ends the run and says so, once, on each channel.
+    w.sim.reset_link(ENV).unwrap();
+    let out = w.finish(run(&["confirm", &run_id]).output().await.unwrap());
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(teams.requests().len(), 2);
+    assert_eq!(hook.requests().len(), 2);
+    assert_eq!(hook.bodies()[1]["event"], "succeeded");
+    // A redelivered event of the finished run tells nobody again.
+    let event = format!(r#"{{"environment_id":"{ENV}","run_id":"{run_id}","stage":"reset-link"}}"#);
+    let mut cmd = run(&["run", "--event", "-"]);
+    cmd.stdin(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    use tokio::io::AsyncWriteExt;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(event.as_bytes())
+        .await
+        .unwrap();
+    let out = w.finish(child.wait_with_output().await.unwrap());
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(teams.requests().len(), 2);
+    assert_eq!(hook.requests().len(), 2);
+}

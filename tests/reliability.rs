@@ -1630,3 +1630,77 @@ async fn s30_power_platform_paging_that_never_ends_and_unusable_operations() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn s31_killed_while_telling_the_channels() {
+    let (a, rows) = world(Spec::default()).await;
+    let teams = common::Receiver::start(202).await;
+    let config = relink_aws::sdk_config().await;
+    let arn = aws_sdk_secretsmanager::Client::new(&config)
+        .create_secret()
+        .name(format!("relink-test/teams-{}", ulid::Ulid::new()))
+        .secret_string(&teams.url)
+        .send()
+        .await
+        .unwrap()
+        .arn()
+        .unwrap()
+        .to_string();
+    let text = std::fs::read_to_string(&a.w.config).unwrap();
+    let header = format!("[environments.{ENV}]\n");
+    let text = text.replace(
+        &header,
+        &format!("{header}notify = {{ teams = {{ secret_arn = \"{arn}\" }} }}\n"),
+    );
+    std::fs::write(&a.w.config, text).unwrap();
+    assert_eq!(a.relink(&["env", "push", ENV]).await.code, 0);
+
+    let run_id = a.inject(ENV).await;
+    // The worker stops once it has claimed the gate's notice, before posting it, and dies.
+    a.kill_worker_at("notice-claimed:awaiting-reset").await;
+    assert!(
+        teams.requests().is_empty(),
+        "nothing posted before the kill"
+    );
+    let worker = a.drain(&[]).await;
+    assert_eq!(worker.code, 0, "{worker:?}");
+    // A duplicate of the gate's event, delivered later, posts nothing more.
+    a.send_raw(
+        Stage::ResetLink,
+        &format!(r#"{{"environment_id":"{ENV}","run_id":"{run_id}","stage":"reset-link"}}"#),
+    )
+    .await;
+    assert_eq!(a.drain(&[]).await.code, 0);
+    assert_eq!(
+        teams.requests().len(),
+        1,
+        "one notice for the gate: {}\n{}",
+        a.status_json(&["--run", &run_id]).await,
+        a.logs()
+            .lines()
+            .filter(|l| !l.contains("DEBUG"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let card = teams.bodies()[0].to_string();
+    assert!(
+        card.contains(&run_id) && card.contains("Reset link"),
+        "{card}"
+    );
+    let run = a.status_json(&["--run", &run_id]).await;
+    assert_eq!(run["notices"][0]["key"], "awaiting-reset", "{run}");
+    assert_eq!(run["notices"].as_array().unwrap().len(), 1, "{run}");
+    a.conclude(
+        Scenario {
+            id: "31-killed-while-notifying",
+            title: "SIGKILL while telling the channels about the gate",
+            injected: "worker SIGKILLed after claiming the gate's Teams notice, before posting it; then a duplicate of the gate's event",
+            runs: awaiting(&run_id),
+            rows_expected: rows,
+            kept_rows: 0,
+            also_secret: vec![teams.url.clone()],
+        },
+        "the redelivered event found the claimed notice unsent and posted it: one Teams message for the gate, recorded on the run; the duplicate posted nothing",
+    )
+    .await;
+}

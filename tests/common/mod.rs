@@ -332,3 +332,86 @@ pub fn stage<'a>(run: &'a Value, name: &str) -> &'a Value {
         .find(|s| s["stage"] == name)
         .unwrap_or_else(|| panic!("no stage {name} in {run}"))
 }
+
+/// One request a [`Receiver`] got: lower-cased headers and body.
+pub type Request = (std::collections::HashMap<String, String>, Vec<u8>);
+type Requests = std::sync::Arc<std::sync::Mutex<Vec<Request>>>;
+
+/// A local HTTP endpoint standing in for a Teams Workflows webhook, a Slack incoming webhook or
+/// a customer's own: records every request (lower-cased headers and body) and answers `status`.
+pub struct Receiver {
+    pub url: String,
+    got: Requests,
+}
+
+impl Receiver {
+    pub async fn start(status: u16) -> Receiver {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let got: Requests = Default::default();
+        let seen = got.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 8192];
+                    let (head_end, headers) = loop {
+                        let Ok(n) = socket.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..i]).to_string();
+                            let headers: std::collections::HashMap<String, String> = head
+                                .lines()
+                                .skip(1)
+                                .filter_map(|l| l.split_once(':'))
+                                .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
+                                .collect();
+                            break (i + 4, headers);
+                        }
+                    };
+                    let len: usize = headers
+                        .get("content-length")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        let Ok(n) = socket.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    seen.lock()
+                        .unwrap()
+                        .push((headers, buf[head_end..head_end + len].to_vec()));
+                    let reply = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    );
+                    let _ = socket.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        Receiver { url, got }
+    }
+
+    /// Every request so far: headers and body.
+    pub fn requests(&self) -> Vec<Request> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// Every body so far, as JSON.
+    pub fn bodies(&self) -> Vec<Value> {
+        self.requests()
+            .iter()
+            .map(|(_, b)| serde_json::from_slice(b).expect("a JSON body"))
+            .collect()
+    }
+}

@@ -471,6 +471,7 @@ async fn cold_section(lambda_dir: &Path, runs: usize) -> Result<String> {
         ("RELINK_TABLE", "relink-bench-cold"),
         ("NEXT_QUEUE_URL", "http://127.0.0.1:9/000000000000/next"),
         ("DETECT_QUEUE_URL", "http://127.0.0.1:9/000000000000/detect"),
+        ("RESET_QUEUE_URL", "http://127.0.0.1:9/000000000000/reset"),
         (
             "NOTIFY_SECRET_ARN",
             "arn:aws:secretsmanager:us-east-1:000000000000:secret:relink-notify",

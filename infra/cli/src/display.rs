@@ -180,6 +180,7 @@ pub fn run_json(run: &Run) -> Value {
         "updated_at": run.updated_at,
         "instructions": run.instructions,
         "waiting": run.waiting,
+        "notices": run.notices,
         "stages": run.stages.iter().map(|s| json!({
             "stage": s.stage,
             "status": s.status,
@@ -238,6 +239,19 @@ pub fn run_text(run: &Run) -> String {
                 out.push_str(&format!("    {key:<11} {}\n", printable(v)));
             }
         }
+    }
+    for n in &run.notices {
+        let said: Vec<String> = n
+            .deliveries
+            .iter()
+            .map(|d| format!("{} {}", d.channel, printable(&d.result)))
+            .collect();
+        out.push_str(&format!(
+            "  notified {} at {}: {}\n",
+            n.key,
+            n.at,
+            said.join(", ")
+        ));
     }
     if let Some(i) = &run.instructions {
         out.push_str(&format!("\n{i}\n"));

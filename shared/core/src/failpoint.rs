@@ -14,6 +14,8 @@
 //!
 //! - `stage-recorded:STAGE`: the stage's outcome is stored; the next event is not yet sent.
 //! - `next-sent:STAGE`: the next stage's event is sent; the message is not yet acknowledged.
+//! - `notice-claimed:KIND`: a notice (`awaiting-reset`, `succeeded`, ...) is claimed; nothing is
+//!   posted yet.
 
 #[cfg(feature = "failpoints")]
 static ARMED: std::sync::LazyLock<Option<String>> = std::sync::LazyLock::new(|| {

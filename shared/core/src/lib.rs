@@ -10,6 +10,7 @@ pub mod failpoint;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fakes;
 pub mod model;
+pub mod notice;
 pub mod notify;
 pub mod pacing;
 pub mod pipeline;

@@ -244,6 +244,13 @@ pub struct Run {
     /// worker that holds the run; cleared by the run's next recorded change).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<String>,
+    /// Whether the environment had notification channels when the run was last recorded: a
+    /// redelivery then checks that the notice of the run's status went out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub notifies: bool,
+    /// The notices sent about this run, with what each channel answered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notices: Vec<crate::notice::NoticeRecord>,
     /// Optimistic-concurrency version: each successful write increments it.
     pub version: u64,
 }
@@ -279,6 +286,8 @@ impl Run {
                 .collect(),
             instructions: None,
             waiting: None,
+            notifies: false,
+            notices: Vec::new(),
             version: 0,
         }
     }

@@ -11,9 +11,10 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::event::{Carried, StageEvent, digest};
 use crate::model::{Run, RunStatus, Stage, StageStatus};
+use crate::notice::{Notice, NoticeKind, NoticeRecord};
 use crate::ports::{
-    Connector, Expect, LeaseOwner, Liveness, Lock, LockAfter, ProgressStore, RegistrySource,
-    ResetDriver, StageQueue, Started,
+    Claimed, Connector, Expect, LeaseOwner, Liveness, Lock, LockAfter, ProgressStore,
+    RegistrySource, ResetDriver, StageQueue, Started,
 };
 use crate::progress::{Progress, ProgressSink};
 use crate::registry::{EnvConfig, Registry};
@@ -174,6 +175,7 @@ impl Engine<'_> {
     /// which case the next stage's event is sent again if that stage has not started).
     async fn already_handled(&self, run: Run, event: &StageEvent) -> Result<Option<Handled>> {
         if run.status.is_terminal() || run.status == RunStatus::AwaitingConfirmation {
+            let run = self.notice_owed(run).await?;
             return Ok(Some(Handled {
                 run,
                 next: None,
@@ -506,6 +508,7 @@ impl Engine<'_> {
         if run.status == RunStatus::Succeeded {
             run.instructions = None;
         }
+        run.notifies = !env.notify.is_empty();
         let lock = match next {
             Some(_) => self.handover(),
             None => LockAfter::Release,
@@ -537,7 +540,76 @@ impl Engine<'_> {
             }
             None => None,
         };
+        let run = match NoticeKind::for_status(run.status) {
+            Some(kind) if next_event.is_none() => self.announce(env, run, kind, 0).await,
+            _ => run,
+        };
         Ok((run, next_event))
+    }
+
+    /// Sends the notice of the run's status if the run's entry has channels and it is not
+    /// recorded: a crash may have come between recording the run and telling its channels.
+    async fn notice_owed(&self, run: Run) -> Result<Run> {
+        match NoticeKind::for_status(run.status) {
+            Some(kind) if run.notifies && !run.notices.iter().any(|n| n.key == kind.as_str()) => {
+                let env = self.registry.entry(&run.environment_id).await?;
+                Ok(self.announce(&env, run, kind, 0).await)
+            }
+            _ => Ok(run),
+        }
+    }
+
+    /// Tells the environment's channels about the run's `kind` event (`reminder`: which one),
+    /// once: a claim in the store lets one delivery send it, a claim left unsent by a crash is
+    /// sent by the next, and the run records what each channel answered. A channel that fails
+    /// never fails, holds up or changes the run.
+    async fn announce(&self, env: &EnvConfig, run: Run, kind: NoticeKind, reminder: u64) -> Run {
+        if env.notify.is_empty() {
+            return run;
+        }
+        let notice = Notice::new(env, &run, kind, reminder);
+        if run.notices.iter().any(|n| n.key == notice.key) {
+            return run;
+        }
+        let claim = format!("{}/{}", run.run_id, notice.key);
+        match self
+            .store
+            .claim_trigger("notice", &claim, &run.run_id)
+            .await
+        {
+            Ok(Ok(())) | Ok(Err(Claimed { sent: false, .. })) => {}
+            // Sent by another delivery, which records it.
+            Ok(Err(_)) => return run,
+            Err(e) => {
+                tracing::warn!(run_id = %run.run_id, notice = %notice.key, error = %e, "cannot claim the notice; it is not sent now");
+                return run;
+            }
+        }
+        crate::failpoint::point("notice-claimed", kind.as_str());
+        let deliveries = self.connector.notifier().send(env, &notice).await;
+        for d in deliveries.iter().filter(|d| d.result != "sent") {
+            tracing::warn!(run_id = %run.run_id, notice = %notice.key, channel = %d.channel, result = %d.result, "a notification channel did not take the notice");
+        }
+        if let Err(e) = self
+            .store
+            .mark_trigger_sent("notice", &claim, &run.run_id)
+            .await
+        {
+            tracing::warn!(run_id = %run.run_id, error = %e, "cannot mark the notice sent");
+        }
+        let mut recorded = run.clone();
+        recorded.notices.push(NoticeRecord {
+            key: notice.key.clone(),
+            at: notice.at,
+            deliveries,
+        });
+        match self.store.update_run(&recorded).await {
+            Ok(run) => run,
+            Err(e) => {
+                tracing::warn!(run_id = %run.run_id, error = %e, "the notice was sent but could not be recorded on the run");
+                run
+            }
+        }
     }
 
     /// Records a permanent failure: the stage failed, the run is refused or failed, and its
@@ -554,6 +626,8 @@ impl Engine<'_> {
         run.set_stage(stage, StageStatus::Failed)?;
         run.set_error(stage, e.to_string());
         run.set_status(status)?;
+        let env = self.registry.entry(&run.environment_id).await.ok();
+        run.notifies = env.as_ref().is_some_and(|e| !e.notify.is_empty());
         let run = if new {
             self.store.create_run(&run).await?;
             run
@@ -566,7 +640,10 @@ impl Engine<'_> {
             summary: e.to_string(),
         });
         tracing::warn!(run_id = %run.run_id, stage = %stage, status = %run.status, error = %e, "run stopped");
-        Ok(run)
+        Ok(match (&env, NoticeKind::for_status(run.status)) {
+            (Some(env), Some(kind)) => self.announce(env, run, kind, 0).await,
+            _ => run,
+        })
     }
 
     /// Gives up on a run after a retryable error that the caller will not retry (the embedded
@@ -614,7 +691,7 @@ impl Engine<'_> {
         let env = &self.registry.entry(&run.environment_id).await?;
         if !check_due(&run, env, Timestamp::now()) {
             return Ok(Handled {
-                run,
+                run: self.notice_owed(run).await?,
                 next: None,
                 duplicate: true,
             });
@@ -693,7 +770,18 @@ impl Engine<'_> {
                     // Still the operator's move: the instructions stay as they were.
                     report.then = Then::Await(run.instructions.clone().unwrap_or_default());
                 }
-                Ok(self.record(env, None, run, stage, report).await?.0)
+                let run = self.record(env, None, run, stage, report).await?.0;
+                let every = env.verify.remind_every_seconds;
+                if run.status == RunStatus::AwaitingConfirmation && every > 0 {
+                    let waited = (now - gated).get_seconds().max(0) as u64;
+                    let reminder = waited / every;
+                    if reminder > 0 {
+                        return Ok(self
+                            .announce(env, run, NoticeKind::Reminder, reminder)
+                            .await);
+                    }
+                }
+                Ok(run)
             }
             Err(e) if e.is_retryable() => {
                 // Put the run back where the operator left it.

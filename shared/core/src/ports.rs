@@ -419,6 +419,10 @@ pub trait Connector: Send + Sync {
     ) -> Result<std::sync::Arc<dyn DataverseApi>>;
     /// The F&O client of `env`.
     fn fno(&self, env: &crate::registry::EnvConfig) -> Result<std::sync::Arc<dyn FnoApi>>;
+    /// Where notices go (the same HTTP client and secrets); by default nowhere.
+    fn notifier(&self) -> std::sync::Arc<dyn Notifier> {
+        std::sync::Arc::new(NoNotifier)
+    }
 }
 
 /// Resets the dual-write link (manual gate by default).
@@ -478,6 +482,32 @@ pub trait SecretStore: Send + Sync {
         &self,
         source: &crate::registry::SecretSource,
     ) -> Result<crate::registry::Secret>;
+}
+
+/// Posts notices to an environment's channels (`crate::notice`).
+#[async_trait]
+pub trait Notifier: Send + Sync {
+    /// Sends `notice` to every channel `env` configures, retrying each a few times; what each
+    /// answered. Never fails: a channel that does not take it is reported, not raised.
+    async fn send(
+        &self,
+        env: &crate::registry::EnvConfig,
+        notice: &crate::notice::Notice,
+    ) -> Vec<crate::notice::Delivery>;
+}
+
+/// Sends nothing (no channel can be reached: tests, tools).
+pub struct NoNotifier;
+
+#[async_trait]
+impl Notifier for NoNotifier {
+    async fn send(
+        &self,
+        _: &crate::registry::EnvConfig,
+        _: &crate::notice::Notice,
+    ) -> Vec<crate::notice::Delivery> {
+        Vec::new()
+    }
 }
 
 /// Whether the holder of a lease is known to be dead, so its lease can be taken over at once

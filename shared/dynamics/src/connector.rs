@@ -80,4 +80,10 @@ impl relink_core::ports::Connector for HttpConnector {
     ) -> Result<Arc<dyn relink_core::ports::FnoApi>> {
         Ok(self.clients(env)?.1)
     }
+    fn notifier(&self) -> Arc<dyn relink_core::ports::Notifier> {
+        Arc::new(crate::notifier::WebhookNotifier::new(
+            &self.http,
+            self.secrets.clone(),
+        ))
+    }
 }

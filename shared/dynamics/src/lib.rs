@@ -6,6 +6,7 @@ pub mod batch;
 mod connector;
 pub mod dataverse;
 pub mod fno;
+pub mod notifier;
 pub mod token;
 
 pub use connector::HttpConnector;

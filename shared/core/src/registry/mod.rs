@@ -129,6 +129,36 @@ struct RawEnv {
     watch: Option<RawWatch>,
     #[serde(default)]
     verify: VerifyConfig,
+    #[serde(default)]
+    notify: NotifyConfig,
+}
+
+/// Where an environment's notices go (`crate::notice`): each channel's URL is a secret (an
+/// environment variable embedded, a Secrets Manager secret in AWS), read when a notice is sent.
+/// No channel, no notice.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// A Teams Workflows "When a Teams webhook request is received" URL (Adaptive Card).
+    #[serde(default)]
+    pub teams: Option<SecretSource>,
+    /// A Slack incoming webhook URL (Block Kit).
+    #[serde(default)]
+    pub slack: Option<SecretSource>,
+    /// Any HTTPS endpoint, sent relink's JSON signed with `webhook_secret` the way
+    /// notifications into relink are (`X-Relink-Timestamp`, `X-Relink-Signature`).
+    #[serde(default)]
+    pub webhook: Option<SecretSource>,
+    /// The signing key of `webhook` (at least 32 bytes).
+    #[serde(default)]
+    pub webhook_secret: Option<SecretSource>,
+}
+
+impl NotifyConfig {
+    /// Whether no channel is configured.
+    pub fn is_empty(&self) -> bool {
+        self.teams.is_none() && self.slack.is_none() && self.webhook.is_none()
+    }
 }
 
 /// While a run awaits the operator's Reset, relink verifies the link again on its own, read-only:
@@ -143,6 +173,9 @@ pub struct VerifyConfig {
     /// Seconds after the gate at which the run gives up, at least `every_seconds` (default
     /// 259200: three days).
     pub give_up_after_seconds: u64,
+    /// Seconds between reminders to the notification channels while the Reset is due (default
+    /// 14400: four hours; 0: none).
+    pub remind_every_seconds: u64,
 }
 
 impl Default for VerifyConfig {
@@ -150,6 +183,7 @@ impl Default for VerifyConfig {
         VerifyConfig {
             every_seconds: 900,
             give_up_after_seconds: 3 * 24 * 3600,
+            remind_every_seconds: 4 * 3600,
         }
     }
 }
@@ -279,6 +313,10 @@ pub struct EnvConfig {
     pub watch: Option<WatchConfig>,
     /// Checks of the link while a run awaits the operator's Reset.
     pub verify: VerifyConfig,
+    /// Where notices go.
+    pub notify: NotifyConfig,
+    /// Plain http accepted for loopback addresses (simulators, local receivers).
+    pub allow_insecure_http: bool,
 }
 
 impl EnvConfig {
@@ -578,6 +616,11 @@ fn validate(id: &str, raw: RawEnv, lookup: &impl Fn(&str) -> Option<String>) -> 
             )
         })
         .transpose()?;
+    if raw.notify.webhook.is_some() != raw.notify.webhook_secret.is_some() {
+        return Err(Error::Config(format!(
+            "[environments.{id}] notify: webhook and webhook_secret go together (relink signs what it sends to a webhook)"
+        )));
+    }
     let v = raw.verify;
     if !(1..=86_400).contains(&v.every_seconds) || v.give_up_after_seconds < v.every_seconds {
         return Err(Error::Config(format!(
@@ -607,6 +650,8 @@ fn validate(id: &str, raw: RawEnv, lookup: &impl Fn(&str) -> Option<String>) -> 
         lcs_environment_id: raw.lcs_environment_id,
         power_platform_environment_id: raw.power_platform_environment_id,
         verify: raw.verify,
+        notify: raw.notify,
+        allow_insecure_http: insecure,
     })
 }
 
@@ -816,9 +861,14 @@ fn is_loopback(url: &Url) -> bool {
 /// role's AWS credentials are) and send the value to the entry's hosts.
 fn only_stored_secrets(raw: &RawEnv) -> std::result::Result<(), String> {
     let lcs = raw.watch.as_ref().and_then(|w| w.lcs_token.as_ref());
+    let n = &raw.notify;
     for (field, source) in [
         ("client_secret", Some(&raw.client_secret)),
         ("watch.lcs_token", lcs),
+        ("notify.teams", n.teams.as_ref()),
+        ("notify.slack", n.slack.as_ref()),
+        ("notify.webhook", n.webhook.as_ref()),
+        ("notify.webhook_secret", n.webhook_secret.as_ref()),
     ] {
         if let Some(SecretSource::Env(var)) = source {
             return Err(format!(
