@@ -1,7 +1,9 @@
 //! Runs stage events against the progress store: load or create the run, mark the stage running
 //! and take the environment's lease (one conditional write), apply the guards, execute the
 //! stage, record the outcome and hand the environment over (one conditional write), and send the
-//! next stage's event, which carries the run so that the next stage need not read it again. The CLI and the Lambda functions both call [`Engine::handle`].
+//! next stage's event, which carries the run so that the next stage need not read it again.
+//! Runs that await the operator's Reset are checked again here, and notices go out from here.
+//! The CLI and the Lambda functions both call [`Engine::handle`].
 
 use std::time::Duration;
 
