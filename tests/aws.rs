@@ -440,6 +440,17 @@ async fn the_watcher_has_an_awaited_reset_checked_until_it_succeeds_or_gives_up(
         stage(&first, "reset-link")["outcome"]["checked_by"],
         "relink (scheduled check)"
     );
+    let report = a.relink(&["report", &runs[0], "--format", "json"]).await;
+    assert_eq!(report.code, 0, "{report:?}");
+    let report = report.json();
+    assert_eq!(report["reset"]["checked_by"], "relink (scheduled check)");
+    assert!(
+        report["archive"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("DynamoDB table {}", a.table)),
+        "{report}"
+    );
     let second = a.status_json(&["--run", &runs[1]]).await;
     assert_eq!(second["status"], "awaiting-confirmation", "{second}");
     assert_eq!(

@@ -694,3 +694,63 @@ async fn notices_reach_every_channel_once_and_a_dead_channel_changes_nothing() {
     assert_eq!(teams.requests().len(), 2);
     assert_eq!(hook.requests().len(), 2);
 }
+
+/// `relink report` gives a run's evidence: timeline, guards, rows per table, the Reset and where
+/// the archive is, as JSON and as Markdown.
+#[tokio::test]
+async fn report_shows_the_evidence_of_a_run() {
+    let w = World::new(Spec {
+        uat_rows: 35,
+        project_configs: 7,
+        ..Spec::default()
+    })
+    .await;
+    assert_eq!(w.relink(&["run", ENV]).await.code, 3);
+    let run_id = w.status().await["run_id"].as_str().unwrap().to_string();
+    w.sim.reset_link(ENV).unwrap();
+    assert_eq!(w.relink(&["confirm", &run_id]).await.code, 0);
+
+    let out = w.relink(&["report", &run_id, "--format", "json"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let r = out.json();
+    assert_eq!(r["status"], "succeeded");
+    assert_eq!(r["timeline"].as_array().unwrap().len(), 4);
+    assert!(
+        r["guards"]["identity"]
+            .as_str()
+            .unwrap()
+            .contains("matches the registry"),
+        "{r}"
+    );
+    let table = |name: &str| {
+        r["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["table"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(table("msdyn_dualwriteruntimeconfig")["archived"], 35);
+    assert_eq!(table("msdyn_dualwriteruntimeconfig")["deleted"], 35);
+    assert_eq!(table("DualWriteProjectConfiguration")["archived"], 7);
+    assert_eq!(r["reset"]["verified"], true);
+    assert_eq!(r["reset"]["checked_by"], "relink confirm");
+    assert!(r["archive"].as_str().unwrap().contains("relink.db"), "{r}");
+
+    let md = w.relink(&["report", &run_id]).await;
+    assert_eq!(md.code, 0, "{md:?}");
+    for section in [
+        "## Timeline",
+        "## Guards",
+        "## Rows",
+        "## Reset",
+        "## Notices",
+        "## Archive",
+    ] {
+        assert!(md.stdout.contains(section), "{section}: {}", md.stdout);
+    }
+    let missing = w.relink(&["report", "01JDQ4N9Z3W8B7C6X5V4T3S2R1"]).await;
+    assert_ne!(missing.code, 0);
+    assert!(missing.stderr.contains("not found"), "{missing:?}");
+}

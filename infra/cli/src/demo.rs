@@ -211,6 +211,14 @@ verify = {{ every_seconds = 1, give_up_after_seconds = 600 }}   # checks of the 
     print!("{}", display::run_text(&again));
     ok &= again.status == RunStatus::Skipped;
 
+    say(&format!(
+        "relink report {}: the run's evidence, for the change record",
+        run.run_id
+    ));
+    let at = format!("SQLite store {}, table archive", store.display());
+    let evidence = crate::report::build(&embedded.store, &run.run_id, &at).await?;
+    print!("{}", crate::report::markdown(&evidence));
+
     if keep {
         say(&format!(
             "Kept {} and {}: try `relink status --store {} --json`",

@@ -6,6 +6,7 @@ mod aws_mode;
 mod demo;
 mod display;
 mod embedded;
+mod report;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -105,6 +106,14 @@ enum Command {
         wait: bool,
         #[arg(long)]
         json: bool,
+    },
+    /// The evidence of one run: stages and attempts, guards, rows per table, the Reset, notices,
+    /// where the archive is (the table in AWS mode).
+    Report {
+        run_id: String,
+        /// `md` (Markdown, for a change record) or `json`.
+        #[arg(long, default_value = "md", value_parser = ["md", "json"])]
+        format: String,
     },
     /// Show runs: the environment's latest, one run, or recent runs (the table in AWS mode).
     Status {
@@ -254,6 +263,33 @@ async fn dispatch(cli: Cli) -> u8 {
         Command::Run { env, event, dry_run, force, from_stage, wait, json } => {
             let req = embedded::RunRequest { env, event, dry_run, force, from_stage, wait };
             embedded::run(&cli.config, &cli.store, req).await.map(|run| report(&run, json))
+        }
+        Command::Report { run_id, format } => {
+            let built = match &aws_args {
+                Some(a) => {
+                    let aws = aws_mode::Aws::connect(a).await;
+                    let at = format!(
+                        "DynamoDB table {}, the items whose sort key starts with ARCHIVE#{run_id}#",
+                        aws.store.table()
+                    );
+                    report::build(&aws.store, &run_id, &at).await
+                }
+                None => match embedded::open_store_for_status(&cli.store) {
+                    Ok(store) => {
+                        let at = format!("SQLite store {}, table archive, run_id {run_id}", cli.store.display());
+                        report::build(&store, &run_id, &at).await
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            built.map(|r| {
+                if format == "json" {
+                    println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+                } else {
+                    print!("{}", report::markdown(&r));
+                }
+                exit::OK
+            })
         }
         Command::Confirm { run_id, wait, json } => {
             let run = match &aws_args {

@@ -75,6 +75,8 @@ pub struct Notice {
     pub dataverse_url: String,
     /// The command that shows the run.
     pub status_command: String,
+    /// The command that prints the run's evidence.
+    pub report_command: String,
     /// The guards' evidence (identity, production, pairing) as the run recorded it last.
     pub guards: Value,
     pub at: Timestamp,
@@ -140,6 +142,7 @@ impl Notice {
             fno_url: env.fno_url.to_string(),
             dataverse_url: env.dataverse_url.to_string(),
             status_command: format!("relink status --run {}", run.run_id),
+            report_command: format!("relink report {}", run.run_id),
             guards,
             at: Timestamp::now(),
         }
@@ -172,6 +175,7 @@ impl Notice {
             "fno_url": self.fno_url,
             "dataverse_url": self.dataverse_url,
             "status_command": self.status_command,
+            "report_command": self.report_command,
             "guards": self.guards,
             "at": self.at.to_string(),
         })
@@ -190,6 +194,7 @@ impl Notice {
                 {"title": "F&O", "value": self.fno_url},
                 {"title": "Dataverse", "value": self.dataverse_url},
                 {"title": "Details", "value": self.status_command},
+                {"title": "Evidence", "value": self.report_command},
             ]}),
         ];
         if let Some(i) = &self.instructions {
@@ -228,7 +233,7 @@ impl Notice {
         if let Some(i) = &self.instructions {
             blocks.push(json!({"type": "section", "text": {"type": "mrkdwn", "text": format!("```{i}```")}}));
         }
-        blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": format!("`{}`", self.status_command)}]}));
+        blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": format!("`{}` · `{}`", self.status_command, self.report_command)}]}));
         json!({"text": self.subject(), "blocks": blocks})
     }
 }
