@@ -109,14 +109,20 @@ fn cancellation_reasons(
     }
 }
 
+/// Whether item `i` of a cancelled transaction failed its condition.
+fn condition_failed(reasons: &[aws_sdk_dynamodb::types::CancellationReason], i: usize) -> bool {
+    reasons
+        .get(i)
+        .is_some_and(|r| r.code() == Some("ConditionalCheckFailed"))
+}
+
 /// Whether a transaction was cancelled because one of its conditions failed.
 fn is_transaction_condition_failed(
     e: &aws_sdk_dynamodb::error::SdkError<
         aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError,
     >,
 ) -> bool {
-    cancellation_reasons(e)
-        .is_some_and(|r| r.iter().any(|r| r.code() == Some("ConditionalCheckFailed")))
+    cancellation_reasons(e).is_some_and(|r| (0..r.len()).any(|i| condition_failed(&r, i)))
 }
 
 /// A conditional write whose failed condition means "nothing to do" (not ours, already gone).
@@ -327,6 +333,28 @@ impl DynamoStore {
         Ok(out)
     }
 
+    /// Sends a transaction: `None` when it was written, the per-item reasons (in the order of
+    /// the items) when it was cancelled, an error when it failed otherwise.
+    async fn transact(
+        &self,
+        items: Vec<TransactWriteItem>,
+        what: &str,
+    ) -> Result<Option<Vec<aws_sdk_dynamodb::types::CancellationReason>>> {
+        match self
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(None),
+            Err(e) => match cancellation_reasons(&e) {
+                Some(reasons) => Ok(Some(reasons)),
+                None => Err(store_err(&format!("TransactWriteItems {what}"), &e)),
+            },
+        }
+    }
+
     /// A transaction's put of an item that must not exist yet.
     fn put_new(&self, item: Item) -> TransactWriteItem {
         TransactWriteItem::builder()
@@ -520,24 +548,10 @@ impl ProgressStore for DynamoStore {
             .build()
             .expect("table and item are set");
         items.push(TransactWriteItem::builder().put(lock).build());
-        let res = self
-            .client
-            .transact_write_items()
-            .set_transact_items(Some(items))
-            .send()
-            .await;
-        let reasons = match res {
-            Ok(_) => return Ok(Started::Ok(written)),
-            Err(e) => match cancellation_reasons(&e) {
-                Some(reasons) => reasons,
-                None => return Err(store_err("TransactWriteItems start stage", &e)),
-            },
+        let Some(reasons) = self.transact(items, "start stage").await? else {
+            return Ok(Started::Ok(written));
         };
-        let failed = |i: usize| {
-            reasons
-                .get(i)
-                .is_some_and(|r| r.code() == Some("ConditionalCheckFailed"))
-        };
+        let failed = |i: usize| condition_failed(&reasons, i);
         if (0..lock_at).any(failed) {
             return Ok(Started::Stale);
         }
@@ -606,25 +620,11 @@ impl ProgressStore for DynamoStore {
                 )
                 .build(),
         };
-        let res = self
-            .client
-            .transact_write_items()
-            .transact_items(TransactWriteItem::builder().put(put).build())
-            .transact_items(lock_item)
-            .send()
-            .await;
-        let reasons = match res {
-            Ok(_) => return Ok(next),
-            Err(e) => match cancellation_reasons(&e) {
-                Some(reasons) => reasons,
-                None => return Err(store_err("TransactWriteItems finish stage", &e)),
-            },
+        let items = vec![TransactWriteItem::builder().put(put).build(), lock_item];
+        let Some(reasons) = self.transact(items, "finish stage").await? else {
+            return Ok(next);
         };
-        let failed = |i: usize| {
-            reasons
-                .get(i)
-                .is_some_and(|r| r.code() == Some("ConditionalCheckFailed"))
-        };
+        let failed = |i: usize| condition_failed(&reasons, i);
         if failed(0) {
             Err(Error::Conflict(format!(
                 "run {} changed since it was read (expected version {})",
