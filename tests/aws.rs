@@ -396,21 +396,28 @@ async fn the_watcher_has_an_awaited_reset_checked_until_it_succeeds_or_gives_up(
         project_configs: 5,
         extra_envs: 1,
         extra_rows: 10,
-        registry_extra: "verify = { every_seconds = 1, give_up_after_seconds = 10 }".into(),
+        registry_extra:
+            "verify = { every_seconds = 1, give_up_after_seconds = 10, remind_every_seconds = 5 }"
+                .into(),
         ..Spec::default()
     })
     .await;
     let envs = a.w.envs.clone();
-    // The second environment checks on the same schedule.
+    // The second environment checks on the same schedule; both publish to the notices topic,
+    // the second through the registry's default channels (it has no `notify` of its own).
     let text = std::fs::read_to_string(&a.w.config).unwrap();
     let header = format!("[environments.{}]\n", envs[1]);
     let text = text.replace(
         &header,
-        &format!("{header}verify = {{ every_seconds = 1, give_up_after_seconds = 10 }}\n"),
+        &format!("{header}verify = {{ every_seconds = 1, give_up_after_seconds = 10, remind_every_seconds = 5 }}\n"),
     );
+    let header = format!("[environments.{}]\n", envs[0]);
+    let text = text.replace(&header, &format!("{header}notify = {{ sns = true }}\n"));
+    let text = format!("notify = {{ sns = true }}\n{text}");
     std::fs::write(&a.w.config, text).unwrap();
-    let pushed = a.relink(&["env", "push", &envs[1]]).await;
+    let pushed = a.relink(&["env", "push", &envs[0], &envs[1]]).await;
     assert_eq!(pushed.code, 0, "{pushed:?}");
+    let subscribed = a.subscribe_notices().await;
     let runs: Vec<String> = {
         let mut ids = Vec::new();
         for env in &envs {
@@ -473,6 +480,59 @@ async fn the_watcher_has_an_awaited_reset_checked_until_it_succeeds_or_gives_up(
         "{second}"
     );
     a.assert_queues_empty().await;
+    // The topic got one message per event and run, readable and filterable, with no secret.
+    let notices = a.take_notices(&subscribed).await;
+    let events = |run: &str| -> Vec<String> {
+        let mut keys: Vec<(String, String)> = notices
+            .iter()
+            .filter(|n| n["MessageAttributes"]["run_id"]["Value"] == run)
+            .map(|n| {
+                let body: serde_json::Value =
+                    serde_json::from_str(n["Message"].as_str().unwrap()).unwrap();
+                (
+                    body["at"].as_str().unwrap().to_string(),
+                    body["key"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        keys.sort();
+        keys.into_iter().map(|(_, k)| k).collect()
+    };
+    assert_eq!(
+        events(&runs[0]),
+        ["awaiting-reset", "succeeded"],
+        "{notices:?}"
+    );
+    assert_eq!(
+        events(&runs[1]),
+        ["awaiting-reset", "reminder-1", "failed"],
+        "{notices:?}"
+    );
+    for n in &notices {
+        let text = n.to_string();
+        assert!(!text.contains(&a.w.secret), "a secret in a notice: {text}");
+        let event = n["MessageAttributes"]["event"]["Value"].as_str().unwrap();
+        let env = n["MessageAttributes"]["environment_id"]["Value"]
+            .as_str()
+            .unwrap();
+        assert!(envs.iter().any(|e| e == env), "{n}");
+        assert!(
+            n["Subject"].as_str().unwrap().starts_with("relink: ")
+                && n["Subject"].as_str().unwrap().ends_with(env),
+            "{n}"
+        );
+        let body: serde_json::Value = serde_json::from_str(n["Message"].as_str().unwrap()).unwrap();
+        assert_eq!(body["event"], event, "{n}");
+    }
+    let status = a.status_json(&["--run", &runs[0]]).await;
+    assert_eq!(
+        status["notices"][0]["deliveries"][0]["channel"], "sns",
+        "{status}"
+    );
+    assert_eq!(
+        status["notices"][0]["deliveries"][0]["result"], "sent",
+        "{status}"
+    );
 }
 
 /// The next stage starts from the run and the registry entry its event carries only when the

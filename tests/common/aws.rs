@@ -16,6 +16,9 @@ pub struct AwsWorld {
     pub table: String,
     pub prefix: String,
     pub sqs: aws_sdk_sqs::Client,
+    /// The world's notices topic (`relink local-stack create` makes it), passed to every command.
+    pub topic: String,
+    sns: aws_sdk_sns::Client,
 }
 
 impl AwsWorld {
@@ -41,11 +44,24 @@ impl AwsWorld {
         );
         assert!(text.contains("secret_arn"));
         std::fs::write(&w.config, text).unwrap();
+        let sns = aws_sdk_sns::Client::new(&config);
+        // CreateTopic is idempotent: the ARN of the topic local-stack create makes below.
+        let topic = sns
+            .create_topic()
+            .name(format!("r{id}-notices"))
+            .send()
+            .await
+            .expect("topic on the local stack")
+            .topic_arn()
+            .unwrap()
+            .to_string();
         let aws = AwsWorld {
             w,
             table: format!("relink-{id}"),
             prefix: format!("r{id}-"),
             sqs: aws_sdk_sqs::Client::new(&config),
+            topic,
+            sns,
         };
         let out = aws
             .relink(&[
@@ -69,9 +85,14 @@ impl AwsWorld {
     }
 
     pub fn command(&self, args: &[&str]) -> tokio::process::Command {
-        let mut cmd = self
-            .w
-            .command(&["--table", &self.table, "--queue-prefix", &self.prefix]);
+        let mut cmd = self.w.command(&[
+            "--table",
+            &self.table,
+            "--queue-prefix",
+            &self.prefix,
+            "--notice-topic",
+            &self.topic,
+        ]);
         cmd.args(args).env_remove(super::SECRET_VAR);
         cmd
     }
@@ -148,6 +169,72 @@ impl AwsWorld {
             .expect("worker drains within 2 minutes")
             .unwrap();
         self.w.finish(out)
+    }
+
+    /// A queue subscribed to the notices topic, as a customer's integration would be: its URL.
+    pub async fn subscribe_notices(&self) -> String {
+        let name = format!("{}notices-sub", self.prefix);
+        let url = self
+            .sqs
+            .create_queue()
+            .queue_name(&name)
+            .send()
+            .await
+            .unwrap()
+            .queue_url()
+            .unwrap()
+            .to_string();
+        let arn = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .unwrap()
+            .attributes()
+            .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn]
+            .clone();
+        self.sns
+            .subscribe()
+            .topic_arn(&self.topic)
+            .protocol("sqs")
+            .endpoint(arn)
+            .send()
+            .await
+            .unwrap();
+        url
+    }
+
+    /// Every SNS envelope (`Subject`, `Message`, `MessageAttributes`) in a subscribed queue so
+    /// far, taken off it.
+    pub async fn take_notices(&self, url: &str) -> Vec<serde_json::Value> {
+        let mut all = Vec::new();
+        loop {
+            let got = self
+                .sqs
+                .receive_message()
+                .queue_url(url)
+                .max_number_of_messages(10)
+                .wait_time_seconds(1)
+                .send()
+                .await
+                .unwrap();
+            let messages = got.messages();
+            if messages.is_empty() {
+                return all;
+            }
+            for m in messages {
+                all.push(serde_json::from_str(m.body().unwrap()).unwrap());
+                self.sqs
+                    .delete_message()
+                    .queue_url(url)
+                    .receipt_handle(m.receipt_handle().unwrap())
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
     }
 
     pub async fn queue_url(&self, name: &str) -> String {

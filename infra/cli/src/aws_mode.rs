@@ -16,6 +16,7 @@ use relink_aws::dynamo::DynamoStore;
 use relink_aws::lambda::{FunctionDeps, HANDOVER_GRACE, handle_batch};
 use relink_aws::registry::TableRegistry;
 use relink_aws::secrets::SecretResolver;
+use relink_aws::sns::WithTopic;
 use relink_aws::sqs::SqsQueue;
 use relink_aws::{QueueNames, sdk_config, stack};
 use relink_core::event::StageEvent;
@@ -37,6 +38,7 @@ use tokio::time::Instant;
 pub struct AwsArgs {
     pub table: String,
     pub queue_prefix: String,
+    pub notice_topic: Option<String>,
 }
 
 /// The connected AWS adapters.
@@ -44,6 +46,7 @@ pub struct Aws {
     pub store: DynamoStore,
     pub config: aws_config::SdkConfig,
     pub names: QueueNames,
+    notice_topic: Option<String>,
 }
 
 impl Aws {
@@ -54,6 +57,7 @@ impl Aws {
             names: QueueNames {
                 prefix: args.queue_prefix.clone(),
             },
+            notice_topic: args.notice_topic.clone(),
             config,
         }
     }
@@ -64,6 +68,16 @@ impl Aws {
 
     fn secrets(&self) -> Arc<dyn SecretStore> {
         Arc::new(SecretResolver::new(&self.config))
+    }
+
+    /// The Dynamics clients, with notices going to the webhooks and the notices topic.
+    fn connector(&self, sink: Arc<dyn ProgressSink>) -> Result<WithTopic<HttpConnector>> {
+        let http = Arc::new(Http::new(RetryPolicy::default(), sink)?);
+        Ok(WithTopic::new(
+            HttpConnector::new(http, self.secrets()),
+            &self.config,
+            self.notice_topic.clone(),
+        ))
     }
 
     fn registry(&self) -> TableRegistry {
@@ -88,8 +102,13 @@ impl Aws {
         }
         stack::create_table(self.store.client(), self.store.table()).await?;
         stack::create_queues(&self.sqs(), &self.names, visibility).await?;
+        let topic = stack::create_topic(
+            &aws_sdk_sns::Client::new(&self.config),
+            &format!("{}notices", self.names.prefix),
+        )
+        .await?;
         println!(
-            "created table {} and queues {}{{stage}} with dead-letter queues",
+            "created table {} and queues {}{{stage}} with dead-letter queues, and the notices topic {topic} (pass it as --notice-topic or NOTICE_TOPIC_ARN)",
             self.store.table(),
             self.names.prefix
         );
@@ -248,8 +267,7 @@ impl Aws {
     /// `relink confirm` against the table.
     pub async fn confirm(&self, run_id: &str, sink: Arc<dyn ProgressSink>) -> Result<Run> {
         let registry = self.registry();
-        let http = Arc::new(Http::new(RetryPolicy::default(), sink.clone())?);
-        let connector = HttpConnector::new(http, self.secrets());
+        let connector = self.connector(sink.clone())?;
         let queue = MemQueue::default();
         let engine = Engine {
             registry: &registry,
@@ -274,10 +292,7 @@ impl Aws {
         let queue = Arc::new(SqsQueue::by_names(sqs.clone(), &self.names).await?);
         let registry: Arc<dyn RegistrySource> = Arc::new(self.registry());
         let sink: Arc<dyn ProgressSink> = Arc::new(TracingSink);
-        let connector = Arc::new(HttpConnector::new(
-            Arc::new(Http::new(RetryPolicy::default(), sink.clone())?),
-            self.secrets(),
-        ));
+        let connector = Arc::new(self.connector(sink.clone())?);
         let busy = Arc::new(AtomicUsize::new(0));
         let last_work = Arc::new(std::sync::Mutex::new(Instant::now()));
         let mut pollers = tokio::task::JoinSet::new();

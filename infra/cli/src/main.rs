@@ -65,6 +65,10 @@ struct Cli {
         default_value = "relink-"
     )]
     queue_prefix: String,
+    /// AWS mode: the SNS topic that entries with `notify = { sns = true }` publish to (the
+    /// template's NoticesTopic; `relink local-stack create` prints the local one).
+    #[arg(long, global = true, env = "NOTICE_TOPIC_ARN")]
+    notice_topic: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -258,6 +262,7 @@ async fn dispatch(cli: Cli) -> u8 {
     let aws_args = cli.table.clone().map(|table| aws_mode::AwsArgs {
         table,
         queue_prefix: cli.queue_prefix.clone(),
+        notice_topic: cli.notice_topic.clone(),
     });
     let result = match cli.command {
         Command::Run { env, event, dry_run, force, from_stage, wait, json } => {

@@ -318,9 +318,9 @@ impl FunctionDeps {
             registry: Arc::new(TableRegistry::new(store.clone())),
             store: Arc::new(store),
             queue: Arc::new(SqsQueue::new(aws_sdk_sqs::Client::new(&config), urls)),
-            connector: Arc::new(HttpConnector::new(
-                http,
-                Arc::new(SecretResolver::new(&config)),
+            connector: Arc::new(crate::sns::WithTopic::from_env(
+                HttpConnector::new(http, Arc::new(SecretResolver::new(&config))),
+                &config,
             )),
             reset: Arc::new(ManualReset),
             sink,

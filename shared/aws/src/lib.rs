@@ -9,6 +9,7 @@ pub mod lambda;
 pub mod metrics;
 pub mod registry;
 pub mod secrets;
+pub mod sns;
 pub mod sqs;
 pub mod stack;
 pub mod watch;
@@ -177,6 +178,9 @@ mod tests {
         // Four stage functions (own and next queue), ingest (detect), the watcher (detect, reset).
         assert_eq!(template.matches("QUEUE_URL: !Ref ").count(), 4 + 3 + 1 + 2);
         assert!(template.contains("ReservedConcurrentExecutions: !Ref IngestConcurrency"));
+        // The stage functions, and they only, publish notices to the stack's topic.
+        assert_eq!(template.matches("SNSPublishMessagePolicy:").count(), 4);
+        assert!(template.contains("NOTICE_TOPIC_ARN: !Ref NoticesTopic"));
         assert!(template.contains("AttributeName: expires_at"));
         assert_eq!(
             QueueNames {

@@ -145,3 +145,14 @@ pub async fn create_queues(
     }
     Ok(())
 }
+
+/// Creates the notices topic (idempotent) and returns its ARN.
+pub async fn create_topic(client: &aws_sdk_sns::Client, name: &str) -> Result<String> {
+    let out = client
+        .create_topic()
+        .name(name)
+        .send()
+        .await
+        .map_err(|e| Error::store(format!("SNS CreateTopic {name}: {}", sdk_error(&e))))?;
+    Ok(out.topic_arn().unwrap_or_default().to_string())
+}

@@ -151,6 +151,15 @@ impl Notifier for WebhookNotifier {
                 result,
             });
         }
+        if n.sns {
+            // Only AWS mode has a topic; its notifier publishes there and asks this one for the rest.
+            out.push(Delivery {
+                channel: "sns".into(),
+                result:
+                    "not sent: no SNS topic here (the topic is the AWS stack's, NOTICE_TOPIC_ARN)"
+                        .into(),
+            });
+        }
         out
     }
 }

@@ -89,6 +89,9 @@ pub enum ResetMode {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRegistry {
+    /// The channels of every entry that has no `notify` of its own.
+    #[serde(default)]
+    notify: Option<NotifyConfig>,
     #[serde(default)]
     environments: BTreeMap<String, RawEnv>,
 }
@@ -130,7 +133,9 @@ struct RawEnv {
     #[serde(default)]
     verify: VerifyConfig,
     #[serde(default)]
-    notify: NotifyConfig,
+    notify: Option<NotifyConfig>,
+    #[serde(default)]
+    probe: Option<ProbeConfig>,
 }
 
 /// Where an environment's notices go (`crate::notice`): each channel's URL is a secret (an
@@ -152,12 +157,48 @@ pub struct NotifyConfig {
     /// The signing key of `webhook` (at least 32 bytes).
     #[serde(default)]
     pub webhook_secret: Option<SecretSource>,
+    /// Publish to the stack's SNS topic (AWS mode: the template's `NoticesTopic`, which
+    /// customers subscribe e-mail, SMS or their own endpoints to). Embedded mode has no topic and
+    /// records the channel as not sent.
+    #[serde(default)]
+    pub sns: bool,
 }
 
 impl NotifyConfig {
     /// Whether no channel is configured.
     pub fn is_empty(&self) -> bool {
-        self.teams.is_none() && self.slack.is_none() && self.webhook.is_none()
+        self.teams.is_none() && self.slack.is_none() && self.webhook.is_none() && !self.sns
+    }
+}
+
+/// What a drift probe does when it finds the link stale.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDrift {
+    /// Start a run, as a restore notification would.
+    Run,
+    /// Only tell the environment's channels.
+    Notify,
+}
+
+/// A drift probe: the restore watcher has the environment's link inspected read-only (the
+/// detection stage, nothing deleted) every `every_hours`, whether or not any restore was
+/// notified, so a link gone stale through a bacpac import, a point-in-time restore or a copy
+/// nobody announced is found. Each environment is probed at its own offset in the interval, so
+/// many environments never probe one Dataverse at the same time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeConfig {
+    /// Hours between two probes, 1..=720.
+    pub every_hours: u64,
+    /// What a stale link leads to.
+    pub on_drift: OnDrift,
+}
+
+impl ProbeConfig {
+    /// Time between two probes.
+    pub fn every(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.every_hours * 3600)
     }
 }
 
@@ -315,6 +356,8 @@ pub struct EnvConfig {
     pub verify: VerifyConfig,
     /// Where notices go.
     pub notify: NotifyConfig,
+    /// Drift probes of this environment, if it asks for them.
+    pub probe: Option<ProbeConfig>,
     /// Plain http accepted for loopback addresses (simulators, local receivers).
     pub allow_insecure_http: bool,
 }
@@ -367,7 +410,10 @@ impl Registry {
     pub fn parse(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<Registry> {
         let raw: RawRegistry = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
         let mut environments = BTreeMap::new();
-        for (id, env) in raw.environments {
+        for (id, mut env) in raw.environments {
+            if env.notify.is_none() {
+                env.notify = raw.notify.clone();
+            }
             let cfg = validate(&id, env, &lookup)
                 .map_err(|e| Error::Config(format!("[environments.{id}]: {}", strip_prefix(e))))?;
             environments.insert(id, cfg);
@@ -450,10 +496,16 @@ impl Registry {
     pub fn entry_json(text: &str, id: &str) -> Result<serde_json::Value> {
         Registry::parse(text, |_| Some("unused".into()))?.get(id)?;
         let doc: toml::Table = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
-        let entry = doc
+        let mut entry = doc
             .get("environments")
             .and_then(|e| e.get(id))
+            .and_then(toml::Value::as_table)
+            .cloned()
             .ok_or_else(|| Error::UnknownEnvironment(id.into()))?;
+        // The table holds each entry whole: the registry's default channels go with it.
+        if let (None, Some(default)) = (entry.get("notify"), doc.get("notify")) {
+            entry.insert("notify".into(), default.clone());
+        }
         serde_json::to_value(entry).map_err(|e| Error::Config(e.to_string()))
     }
 
@@ -616,7 +668,8 @@ fn validate(id: &str, raw: RawEnv, lookup: &impl Fn(&str) -> Option<String>) -> 
             )
         })
         .transpose()?;
-    if raw.notify.webhook.is_some() != raw.notify.webhook_secret.is_some() {
+    let notify = raw.notify.unwrap_or_default();
+    if notify.webhook.is_some() != notify.webhook_secret.is_some() {
         return Err(Error::Config(format!(
             "[environments.{id}] notify: webhook and webhook_secret go together (relink signs what it sends to a webhook)"
         )));
@@ -627,6 +680,19 @@ fn validate(id: &str, raw: RawEnv, lookup: &impl Fn(&str) -> Option<String>) -> 
             "[environments.{id}] verify: every_seconds must be 1-86400 and give_up_after_seconds at least every_seconds (got {} and {})",
             v.every_seconds, v.give_up_after_seconds
         )));
+    }
+    if let Some(p) = &raw.probe {
+        if !(1..=720).contains(&p.every_hours) {
+            return Err(Error::Config(format!(
+                "[environments.{id}] probe: every_hours must be 1-720 (got {})",
+                p.every_hours
+            )));
+        }
+        if p.on_drift == OnDrift::Notify && notify.is_empty() {
+            return Err(Error::Config(format!(
+                "[environments.{id}] probe: on_drift = \"notify\" needs a notification channel (notify = {{ ... }} here or in the registry's [notify]); or use on_drift = \"run\""
+            )));
+        }
     }
     Ok(EnvConfig {
         id: id.to_string(),
@@ -650,7 +716,8 @@ fn validate(id: &str, raw: RawEnv, lookup: &impl Fn(&str) -> Option<String>) -> 
         lcs_environment_id: raw.lcs_environment_id,
         power_platform_environment_id: raw.power_platform_environment_id,
         verify: raw.verify,
-        notify: raw.notify,
+        notify,
+        probe: raw.probe,
         allow_insecure_http: insecure,
     })
 }
@@ -861,7 +928,7 @@ fn is_loopback(url: &Url) -> bool {
 /// role's AWS credentials are) and send the value to the entry's hosts.
 fn only_stored_secrets(raw: &RawEnv) -> std::result::Result<(), String> {
     let lcs = raw.watch.as_ref().and_then(|w| w.lcs_token.as_ref());
-    let n = &raw.notify;
+    let n = raw.notify.clone().unwrap_or_default();
     for (field, source) in [
         ("client_secret", Some(&raw.client_secret)),
         ("watch.lcs_token", lcs),

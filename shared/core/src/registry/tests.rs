@@ -202,3 +202,37 @@ fn one_lcs_or_power_platform_environment_belongs_to_one_entry() {
     assert!(e.contains("`c`"), "{e}");
     assert!(reg.check_unique_ids("c", reg.get("c").unwrap()).is_ok());
 }
+
+#[test]
+fn default_channels_apply_to_entries_without_their_own_and_travel_with_pushed_entries() {
+    let second = GOOD.replace("contoso-uat]", "contoso-dev]").replace(
+        "reset = {",
+        "notify = { slack = { env = \"SLACK\" } }\nreset = {",
+    );
+    let text = format!("notify = {{ sns = true }}\n{GOOD}{second}");
+    let reg = Registry::parse(&text, |_| Some("x".into())).unwrap();
+    let uat = &reg.get("contoso-uat").unwrap().notify;
+    assert!(uat.sns && uat.slack.is_none());
+    // An entry's own `notify` replaces the default.
+    let dev = &reg.get("contoso-dev").unwrap().notify;
+    assert!(!dev.sns && dev.slack.is_some());
+    let stored = Registry::entry_json(&text, "contoso-uat").unwrap();
+    assert_eq!(stored["notify"]["sns"], true, "{stored}");
+    let stored = Registry::entry_json(&text, "contoso-dev").unwrap();
+    assert!(stored["notify"].get("sns").is_none(), "{stored}");
+}
+
+#[test]
+fn drift_probes_are_bounded_and_notify_needs_a_channel() {
+    let with = |probe: &str| GOOD.replace("reset = {", &format!("probe = {probe}\nreset = {{"));
+    let reg = Registry::parse(&with("{ every_hours = 6, on_drift = \"run\" }"), lookup).unwrap();
+    let probe = reg.get("contoso-uat").unwrap().probe.unwrap();
+    assert_eq!(probe.on_drift, OnDrift::Run);
+    assert_eq!(probe.every(), std::time::Duration::from_secs(6 * 3600));
+    let e = err(&with("{ every_hours = 0, on_drift = \"run\" }"));
+    assert!(e.contains("every_hours must be 1-720"), "{e}");
+    let e = err(&with("{ every_hours = 6, on_drift = \"notify\" }"));
+    assert!(e.contains("needs a notification channel"), "{e}");
+    let e = err(&with("{ every_hours = 6, on_drift = \"delete\" }"));
+    assert!(e.contains("delete"), "{e}");
+}
