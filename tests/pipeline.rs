@@ -251,11 +251,31 @@ async fn throttled_requests_wait_for_retry_after_and_the_run_completes() {
     let out = w.relink(&["run", ENV]).await;
     assert_eq!(out.code, 3, "{out:?}");
     assert_eq!(w.sim.snapshot().runtime_configs["uat"], 0);
+    let log = w.sim.log();
     assert!(
-        common::scenario::retries_waited(&w.sim.log()) > 0,
+        common::scenario::retries_waited(&log) > 0,
         "the fault injection throttled something"
     );
     assert!(w.sim.snapshot().deleted_twice.is_empty());
+    // The run records every 429 it waited out, per stage, and its report shows them.
+    let run_id = w.status().await["run_id"].as_str().unwrap().to_string();
+    let report = w
+        .relink(&["report", &run_id, "--format", "json"])
+        .await
+        .json();
+    let met: u64 = report["throttling"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        met,
+        log.iter().filter(|e| e.status == 429).count() as u64,
+        "{report}"
+    );
+    let md = w.relink(&["report", &run_id]).await.stdout;
+    assert!(md.contains("answer(s) 429"), "{md}");
 }
 
 #[tokio::test]
@@ -736,6 +756,11 @@ async fn report_shows_the_evidence_of_a_run() {
     assert_eq!(table("DualWriteProjectConfiguration")["archived"], 7);
     assert_eq!(r["reset"]["verified"], true);
     assert_eq!(r["reset"]["checked_by"], "relink confirm");
+    // The simulated Reset rebuilds 3 of the 7 maps: the other 4 are the re-apply checklist.
+    assert_eq!(r["maps"]["before"], 7, "{r}");
+    assert_eq!(r["maps"]["running_again"], 3, "{r}");
+    assert_eq!(r["maps"]["missing_count"], 4, "{r}");
+    assert_eq!(r["throttling"], serde_json::json!([]), "{r}");
     assert!(r["archive"].as_str().unwrap().contains("relink.db"), "{r}");
 
     let md = w.relink(&["report", &run_id]).await;
@@ -745,6 +770,10 @@ async fn report_shows_the_evidence_of_a_run() {
         "## Guards",
         "## Rows",
         "## Reset",
+        "## Throttling",
+        "## Maps to re-apply",
+        "of 7 maps that ran before, 3 run again; missing: Project 00003",
+        "- [ ] Project 00006 Customers V3 O'Brien",
         "## Notices",
         "## Archive",
     ] {

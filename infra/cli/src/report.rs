@@ -4,7 +4,9 @@
 //! - the stages, with their attempts, times and errors;
 //! - the guards, with what each saw;
 //! - rows found, archived and deleted per table;
+//! - the throttling (429s waited out) each stage met;
 //! - the Reset (who or what verified it, and when);
+//! - the maps to re-apply (those that ran before and do not run again);
 //! - the notices sent;
 //! - where the archive is.
 //!
@@ -82,6 +84,11 @@ pub async fn build(store: &dyn ProgressStore, run_id: &str, archive_at: &str) ->
             "checked_at": reset.get("checked_at"),
             "checked_by": reset.get("checked_by"),
         },
+        "throttling": run.stages.iter().filter_map(|s| {
+            let t = s.outcome.as_ref()?.get("throttled")?;
+            Some(json!({"stage": s.stage, "count": t.get("count"), "waited_ms": t.get("waited_ms")}))
+        }).collect::<Vec<_>>(),
+        "maps": reset.get("maps"),
         "notices": run.notices,
         "archive": archive_at,
     }))
@@ -146,6 +153,19 @@ pub fn markdown(r: &Value) -> String {
             text(&t["cleared_by"]),
         ));
     }
+    out.push_str("\n## Throttling\n\n");
+    let throttling = r["throttling"].as_array().cloned().unwrap_or_default();
+    if throttling.is_empty() {
+        out.push_str("None met: no request was answered 429.\n");
+    }
+    for t in throttling {
+        out.push_str(&format!(
+            "- {}: {} answer(s) 429, {} ms waited\n",
+            text(&t["stage"]),
+            text(&t["count"]),
+            text(&t["waited_ms"]),
+        ));
+    }
     let reset = &r["reset"];
     out.push_str(&format!(
         "\n## Reset\n\nMode {}; verified: {}; {} check(s), the last at {} by {}.\n",
@@ -155,6 +175,18 @@ pub fn markdown(r: &Value) -> String {
         text(&reset["checked_at"]),
         text(&reset["checked_by"]),
     ));
+    out.push_str("\n## Maps to re-apply\n\n");
+    let maps = &r["maps"];
+    match relink_core::stages::maps::summary(maps) {
+        None if maps.is_null() => out.push_str("Not known until the link is verified.\n"),
+        None => out.push_str("No map ran before the restore.\n"),
+        Some(line) => {
+            out.push_str(&format!("{}.\n", printable(&line)));
+            for m in maps["missing"].as_array().into_iter().flatten() {
+                out.push_str(&format!("- [ ] {}\n", text(m)));
+            }
+        }
+    }
     out.push_str("\n## Notices\n\n");
     let notices = r["notices"].as_array().cloned().unwrap_or_default();
     if notices.is_empty() {

@@ -106,10 +106,22 @@ impl Notice {
                     .started_at
                     .unwrap_or(run.updated_at)
             ),
-            NoticeKind::Succeeded => format!(
-                "The dual-write link of {} is verified towards {}; the run is over",
-                env.id, env.dataverse_url
-            ),
+            NoticeKind::Succeeded => {
+                let done = format!(
+                    "The dual-write link of {} is verified towards {}; the run is over",
+                    env.id, env.dataverse_url
+                );
+                let maps = run
+                    .stage(crate::model::Stage::ResetLink)
+                    .outcome
+                    .as_ref()
+                    .and_then(|o| o.get("maps"))
+                    .and_then(crate::stages::maps::summary);
+                match maps {
+                    Some(m) => format!("{done}. To re-apply: {m}"),
+                    None => done,
+                }
+            }
             NoticeKind::Failed => format!(
                 "The run of {} failed: {}",
                 env.id,

@@ -458,12 +458,37 @@ impl Engine<'_> {
             sink: self.sink,
             stop_at: self.stop_at(),
         };
-        match stage {
-            Stage::DetectMismatch => stages::detect(&ctx).await,
-            Stage::PurgeKeys => stages::purge_keys(&ctx).await,
-            Stage::ClearDataverseConfigs => stages::clear_configs(&ctx).await,
-            Stage::ResetLink => stages::reset_link(&ctx).await,
+        let work = async {
+            match stage {
+                Stage::DetectMismatch => stages::detect(&ctx).await,
+                Stage::PurgeKeys => stages::purge_keys(&ctx).await,
+                Stage::ClearDataverseConfigs => stages::clear_configs(&ctx).await,
+                Stage::ResetLink => stages::reset_link(&ctx).await,
+            }
+        };
+        let (mut report, (count, waited_ms)) = crate::progress::tally(work).await;
+        if let Ok(StageReport {
+            outcome: Value::Object(o),
+            ..
+        }) = &mut report
+        {
+            // The throttling met, added to what earlier invocations of the stage met.
+            let before = |k: &str| {
+                run.stage(stage)
+                    .outcome
+                    .as_ref()
+                    .and_then(|o| o.get("throttled")?.get(k)?.as_u64())
+                    .unwrap_or(0)
+            };
+            let (count, waited_ms) = (before("count") + count, before("waited_ms") + waited_ms);
+            if count > 0 {
+                o.insert(
+                    "throttled".into(),
+                    serde_json::json!({"count": count, "waited_ms": waited_ms}),
+                );
+            }
         }
+        report
     }
 
     /// Records a stage's report and moves the run on: one write records it and hands the

@@ -4,6 +4,36 @@ use std::time::Duration;
 
 use crate::model::Stage;
 
+tokio::task_local! {
+    static THROTTLES: std::sync::Arc<Throttles>;
+}
+
+/// The throttling (429 answers waited out) one stage met, counted for its run's record.
+#[derive(Debug, Default)]
+pub struct Throttles {
+    count: std::sync::atomic::AtomicU64,
+    waited_ms: std::sync::atomic::AtomicU64,
+}
+
+/// Counts a 429 waited out for `wait`, towards the stage being run (if any: see [`tally`]).
+pub fn note_throttle(wait: Duration) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let _ = THROTTLES.try_with(|t| {
+        t.count.fetch_add(1, Relaxed);
+        t.waited_ms
+            .fetch_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), Relaxed);
+    });
+}
+
+/// Runs `work`, counting the 429s its requests met (they run in the same task): what it gave,
+/// and (429s, milliseconds waited).
+pub async fn tally<F: std::future::Future>(work: F) -> (F::Output, (u64, u64)) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let t = std::sync::Arc::new(Throttles::default());
+    let out = THROTTLES.scope(t.clone(), work).await;
+    (out, (t.count.load(Relaxed), t.waited_ms.load(Relaxed)))
+}
+
 /// Something a stage or a client wants an operator to see.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Progress {

@@ -239,6 +239,9 @@ impl Http {
                     retry_after: last_retry_after,
                 });
             }
+            if status == Some(429) {
+                relink_core::progress::note_throttle(wait);
+            }
             self.sink.emit(Progress::Retry {
                 service: service.name,
                 status,

@@ -6,6 +6,7 @@ use serde_json::Value;
 
 use super::engine::PageGuard;
 use super::guards::{guard_target, norm_url};
+use super::maps::{Maps, running};
 use super::{DATAVERSE_TABLE, FNO_TABLE, Findings, StageCtx, StageReport, Then};
 use crate::error::Result;
 use crate::model::{RunStatus, StageStatus};
@@ -27,6 +28,7 @@ pub async fn inspect(
     let here = norm_url(env.dataverse_url.as_str());
     let (mut total, mut elsewhere, mut pointing_here) = (0, 0, 0);
     let mut others: Vec<String> = Vec::new();
+    let (mut maps, mut maps_running_here) = (Maps::default(), Maps::default());
     let mut next: Option<String> = None;
     let mut pages = PageGuard::new(FNO_TABLE);
     loop {
@@ -39,8 +41,12 @@ pub async fn inspect(
                 .get("ExternalEnvironmentUrl")
                 .and_then(Value::as_str)
                 .unwrap_or_default();
+            maps.add(row);
             if norm_url(url) == here {
                 pointing_here += 1;
+                if running(row) {
+                    maps_running_here.add(row);
+                }
             } else {
                 elsewhere += 1;
                 let u = crate::redact::printable(&norm_url(url));
@@ -109,6 +115,8 @@ pub async fn inspect(
         dataverse_count_capped: dv_more,
         stale,
         reason,
+        maps,
+        maps_running_here,
     })
 }
 

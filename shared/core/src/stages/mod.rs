@@ -15,6 +15,7 @@ mod clear;
 mod detect;
 mod engine;
 mod guards;
+pub mod maps;
 mod purge;
 mod reset;
 
@@ -105,4 +106,10 @@ pub struct Findings {
     pub dataverse_count_capped: bool,
     pub stale: bool,
     pub reason: String,
+    /// Every map with a project configuration (before the purge: the maps that ran).
+    #[serde(default)]
+    pub maps: maps::Maps,
+    /// The maps running towards this Dataverse.
+    #[serde(default)]
+    pub maps_running_here: maps::Maps,
 }

@@ -4,6 +4,7 @@
 use serde_json::{Value, json};
 
 use super::detect::inspect;
+use super::maps::{self, Maps};
 use super::{StageCtx, StageReport, Then};
 use crate::error::Result;
 use crate::model::{Run, RunStatus, StageStatus};
@@ -37,11 +38,12 @@ pub async fn reset_link(ctx: &StageCtx<'_>) -> Result<StageReport> {
 /// where the environment had a link before, the link must be rebuilt towards this Dataverse.
 pub async fn verify(ctx: &StageCtx<'_>) -> Result<StageReport> {
     let f = inspect(ctx.env, ctx.dataverse, ctx.fno, ctx.sink).await?;
-    let had_link = ctx
+    let detected = ctx
         .run
         .stage(crate::model::Stage::DetectMismatch)
         .outcome
-        .as_ref()
+        .as_ref();
+    let had_link = detected
         .and_then(|o| o.get("fno_project_configs"))
         .and_then(Value::as_u64)
         .is_some_and(|n| n > 0);
@@ -52,13 +54,23 @@ pub async fn verify(ctx: &StageCtx<'_>) -> Result<StageReport> {
     } else {
         None
     };
-    let outcome = json!({"verified": problem.is_none(), "findings": f});
+    // The re-apply checklist: the maps detection saw before the purge against those that run now.
+    let before: Maps = detected
+        .and_then(|o| o.get("maps"))
+        .and_then(|m| serde_json::from_value(m.clone()).ok())
+        .unwrap_or_default();
+    let reapply = maps::reapply(&before, &f.maps_running_here);
+    let maps_line = maps::summary(&reapply);
+    let outcome = json!({"verified": problem.is_none(), "findings": f, "maps": reapply});
     Ok(match problem {
         None => StageReport {
             status: StageStatus::Succeeded,
             outcome,
             then: Then::Finish(RunStatus::Succeeded),
-            summary: format!("verified: {}", f.reason),
+            summary: match maps_line {
+                Some(m) => format!("verified: {}; {m}", f.reason),
+                None => format!("verified: {}", f.reason),
+            },
             error: None,
         },
         Some(p) => StageReport {
