@@ -773,3 +773,107 @@ async fn the_functions_emit_metrics_that_match_the_run() {
         "one duration per stage invocation"
     );
 }
+
+/// Drift probes: the watcher has each environment that asks for it probed once per slot,
+/// whether or not a restore was announced. A stale link with `on_drift = "run"` becomes exactly
+/// one run; with `on_drift = "notify"` it is only told (nothing deleted); a clean link's probe
+/// only leaves its record. No probe starts while a run is under way.
+#[tokio::test]
+async fn probes_find_drift_no_event_mentioned_and_start_exactly_one_run() {
+    let a = AwsWorld::new(Spec {
+        uat_rows: 30,
+        project_configs: 4,
+        extra_envs: 2,
+        extra_rows: 8,
+        ..Spec::default()
+    })
+    .await;
+    let envs = a.w.envs.clone();
+    let mut text = std::fs::read_to_string(&a.w.config).unwrap();
+    for (env, probe) in [
+        (
+            &envs[0],
+            "probe = { every_hours = 720, on_drift = \"run\" }",
+        ),
+        (
+            &envs[1],
+            "probe = { every_hours = 720, on_drift = \"run\" }",
+        ),
+        (
+            &envs[2],
+            "probe = { every_hours = 720, on_drift = \"notify\" }\nnotify = { sns = true }",
+        ),
+    ] {
+        let header = format!("[environments.{env}]\n");
+        text = text.replace(&header, &format!("{header}{probe}\n"));
+    }
+    std::fs::write(&a.w.config, text).unwrap();
+    let mut push = vec!["env", "push"];
+    push.extend(envs.iter().map(String::as_str));
+    assert_eq!(a.relink(&push).await.code, 0);
+    let subscribed = a.subscribe_notices().await;
+    // The second environment's link is clean; nobody announced anything for any of them.
+    a.w.sim.reset_link(&envs[1]).unwrap();
+    let before = a.w.sim.snapshot();
+
+    let first = a.relink(&["watch", "--json"]).await;
+    assert_eq!(first.code, 0, "{first:?}");
+    let probes = first.json()["probes"].clone();
+    assert_eq!(probes.as_array().unwrap().len(), 3, "{probes}");
+    let run_of = |env: &str| {
+        probes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p[0] == env)
+            .unwrap()[1]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(a.drain(&[]).await.code, 0);
+
+    let stale = a.status_json(&["--run", &run_of(&envs[0])]).await;
+    assert_eq!(stale["status"], "awaiting-confirmation", "{stale}");
+    assert_eq!(stale["trigger"]["source"], "probe", "{stale}");
+    let clean = a.status_json(&["--run", &run_of(&envs[1])]).await;
+    assert_eq!(clean["status"], "skipped", "{clean}");
+    let told = a.status_json(&["--run", &run_of(&envs[2])]).await;
+    assert_eq!(told["status"], "skipped", "{told}");
+    assert_eq!(
+        stage(&told, "detect-mismatch")["outcome"]["stale"],
+        true,
+        "{told}"
+    );
+    assert_eq!(told["notices"][0]["key"], "drift-found", "{told}");
+    // Only the `run` environment lost rows; the clean one and the told one kept theirs.
+    let after = a.w.sim.snapshot();
+    assert_eq!(after.runtime_configs["uat"], 0);
+    for env in &envs[1..] {
+        let org = env.replace('-', "");
+        assert_eq!(
+            after.runtime_configs[&org], before.runtime_configs[&org],
+            "{env}"
+        );
+    }
+    let notices = a.take_notices(&subscribed).await;
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert_eq!(
+        notices[0]["MessageAttributes"]["event"]["Value"],
+        "drift-found"
+    );
+    assert_eq!(
+        notices[0]["MessageAttributes"]["environment_id"]["Value"],
+        envs[2].as_str()
+    );
+
+    // The same slot is not probed twice, and the environment with a run under way not at all.
+    let second = a.relink(&["watch", "--json"]).await.json();
+    assert_eq!(second["probes"], serde_json::json!([]), "{second}");
+    assert_eq!(a.drain(&[]).await.code, 0);
+    assert_eq!(
+        a.status_json(&["--run", &run_of(&envs[0])]).await["status"],
+        "awaiting-confirmation"
+    );
+    a.assert_queues_empty().await;
+}

@@ -247,6 +247,9 @@ impl Aws {
             for (env, run) in &report.rechecks {
                 println!("{env}: run {run} awaits the Reset -> its link is checked again");
             }
+            for (env, run) in &report.probes {
+                println!("{env}: drift probe -> run {run} (read-only unless on_drift = \"run\")");
+            }
             for (env, source, why) in &report.skipped {
                 eprintln!(
                     "skipped: {env} ({source}): {}",

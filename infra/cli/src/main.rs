@@ -174,7 +174,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// AWS mode: poll LCS history / Power Platform operations once and queue a run per new restore.
+    /// AWS mode: one poll of the watcher: a run per new restore (LCS history, Power Platform
+    /// operations), the checks of awaited Resets that are due, and the due drift probes.
     Watch {
         #[arg(long)]
         json: bool,

@@ -54,6 +54,8 @@ pub struct WatchReport {
     /// Runs awaiting the operator's Reset whose check was due: a `reset-link` event was sent
     /// for each (environment, run id), and the stage verifies the link again.
     pub rechecks: Vec<(String, String)>,
+    /// Drift probes started (environment, run id): a run of trigger source `probe`.
+    pub probes: Vec<(String, String)>,
 }
 
 /// What a source listed: usable entries with their completion time, or why one is not usable.
@@ -165,10 +167,19 @@ impl Watcher {
         use relink_core::model::{RunStatus, Stage};
         let now = Timestamp::now();
         let mut oldest = 0.0f64;
+        let mut probes = Vec::new();
         for env in registry.iter() {
             let run = match self.store.latest_run(&env.id).await {
                 Ok(Some(run)) if run.status == RunStatus::AwaitingConfirmation => run,
-                Ok(_) => continue,
+                // No probe while a run is under way: it would find the link it is repairing.
+                Ok(latest) => {
+                    if let Some(probe) = env.probe
+                        && latest.is_none_or(|r| r.status.is_terminal())
+                    {
+                        probes.push((env, relink_core::probe::slot(&env.id, probe.every(), now)));
+                    }
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(environment_id = %env.id, error = %e, "cannot read the latest run to check an awaited Reset");
                     report
@@ -204,12 +215,63 @@ impl Watcher {
                 }
             }
         }
+        self.probe(probes, now, report).await;
         if let Some(metrics) = &self.metrics {
             crate::metrics::emit_seconds(
                 metrics.as_ref(),
                 crate::metrics::OLDEST_AWAITING_RESET,
                 oldest,
             );
+        }
+    }
+
+    /// Starts the due drift probes (`relink_core::probe`): one per environment and slot (a claim
+    /// per slot), at most one per Dataverse host and `MAX_PER_POLL` per poll; the others are
+    /// due at the next poll still.
+    async fn probe(&self, due: Vec<(&EnvConfig, u64)>, now: Timestamp, report: &mut WatchReport) {
+        use relink_core::probe::{MAX_PER_POLL, SOURCE};
+        let mut hosts = std::collections::HashSet::new();
+        for (env, slot) in due {
+            if report.probes.len() >= MAX_PER_POLL {
+                break;
+            }
+            // One Dataverse is one organisation URL (its own host in the cloud).
+            let host = env
+                .dataverse_url
+                .as_str()
+                .trim_end_matches('/')
+                .to_ascii_lowercase();
+            if hosts.contains(&host) {
+                continue;
+            }
+            let signal = notify::Notice {
+                source: SOURCE,
+                environment: notify::EnvRef::Registry(env.id.clone()),
+                operation: "drift probe".into(),
+                operation_id: format!("slot-{slot}"),
+            };
+            match start_run(
+                self.store.as_ref(),
+                self.queue.as_ref(),
+                &env.id,
+                &signal,
+                now,
+            )
+            .await
+            {
+                Ok(Started::New(run_id)) => {
+                    hosts.insert(host);
+                    tracing::info!(environment_id = %env.id, run_id = %run_id, slot, "drift probe queued");
+                    report.probes.push((env.id.clone(), run_id));
+                }
+                Ok(Started::Seen(_)) => {}
+                Err(e) => {
+                    tracing::warn!(environment_id = %env.id, error = %e, "cannot queue a drift probe; will try again next poll");
+                    report
+                        .errors
+                        .push((env.id.clone(), "probe".into(), e.to_string()));
+                }
+            }
         }
     }
 

@@ -15,6 +15,7 @@ pub mod notify;
 pub mod pacing;
 pub mod pipeline;
 pub mod ports;
+pub mod probe;
 pub mod progress;
 pub mod redact;
 pub mod registry;

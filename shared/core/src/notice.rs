@@ -31,6 +31,8 @@ pub enum NoticeKind {
     Failed,
     /// A guard refused the run.
     Refused,
+    /// A drift probe found the link stale and, as its entry says, only tells.
+    Drift,
 }
 
 impl NoticeKind {
@@ -42,12 +44,31 @@ impl NoticeKind {
             NoticeKind::Succeeded => "succeeded",
             NoticeKind::Failed => "failed",
             NoticeKind::Refused => "refused",
+            NoticeKind::Drift => "drift-found",
         }
     }
 
-    /// The notice a run's status calls for, if any (a skipped run, the link already clean,
-    /// needs nobody).
-    pub fn for_status(status: RunStatus) -> Option<NoticeKind> {
+    /// The notice a run calls for, if any (a skipped run, the link already clean, needs
+    /// nobody; a probe that found drift and only tells does).
+    pub fn for_run(run: &Run) -> Option<NoticeKind> {
+        match run.status {
+            RunStatus::Skipped
+                if crate::probe::is_probe(run)
+                    && run
+                        .stage(crate::model::Stage::DetectMismatch)
+                        .outcome
+                        .as_ref()
+                        .and_then(|o| o.get("stale")?.as_bool())
+                        == Some(true) =>
+            {
+                Some(NoticeKind::Drift)
+            }
+            status => NoticeKind::for_status(status),
+        }
+    }
+
+    /// The notice a run's status calls for, if any.
+    fn for_status(status: RunStatus) -> Option<NoticeKind> {
         match status {
             RunStatus::AwaitingConfirmation => Some(NoticeKind::AwaitingReset),
             RunStatus::Succeeded => Some(NoticeKind::Succeeded),
@@ -127,6 +148,16 @@ impl Notice {
                 env.id,
                 last_error.as_deref().unwrap_or("see relink status")
             ),
+            NoticeKind::Drift => format!(
+                "A drift probe found the dual-write link of {} stale: {}. Nothing was deleted (on_drift = \"notify\"); to repair it, run relink run {}",
+                env.id,
+                run.stage(crate::model::Stage::DetectMismatch)
+                    .outcome
+                    .as_ref()
+                    .and_then(|o| o.get("reason")?.as_str())
+                    .unwrap_or("see relink report"),
+                env.id
+            ),
             NoticeKind::Refused => format!(
                 "The run of {} was refused before anything was deleted: {}",
                 env.id,
@@ -168,6 +199,7 @@ impl Notice {
             NoticeKind::Succeeded => "link verified",
             NoticeKind::Failed => "run failed",
             NoticeKind::Refused => "run refused",
+            NoticeKind::Drift => "stale link found by a probe",
         };
         format!("relink: {what} for {}", self.environment_id)
     }

@@ -567,7 +567,7 @@ impl Engine<'_> {
             }
             None => None,
         };
-        let run = match NoticeKind::for_status(run.status) {
+        let run = match NoticeKind::for_run(&run) {
             Some(kind) if next_event.is_none() => self.announce(env, run, kind, 0).await,
             _ => run,
         };
@@ -577,7 +577,7 @@ impl Engine<'_> {
     /// Sends the notice of the run's status if the run's entry has channels and it is not
     /// recorded: a crash may have come between recording the run and telling its channels.
     async fn notice_owed(&self, run: Run) -> Result<Run> {
-        match NoticeKind::for_status(run.status) {
+        match NoticeKind::for_run(&run) {
             Some(kind) if run.notifies && !run.notices.iter().any(|n| n.key == kind.as_str()) => {
                 let env = self.registry.entry(&run.environment_id).await?;
                 Ok(self.announce(&env, run, kind, 0).await)
@@ -667,7 +667,7 @@ impl Engine<'_> {
             summary: e.to_string(),
         });
         tracing::warn!(run_id = %run.run_id, stage = %stage, status = %run.status, error = %e, "run stopped");
-        Ok(match (&env, NoticeKind::for_status(run.status)) {
+        Ok(match (&env, NoticeKind::for_run(&run)) {
             (Some(env), Some(kind)) => self.announce(env, run, kind, 0).await,
             _ => run,
         })

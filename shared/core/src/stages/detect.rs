@@ -161,6 +161,26 @@ pub async fn detect(ctx: &StageCtx<'_>) -> Result<StageReport> {
             error: None,
         });
     }
+    if crate::probe::is_probe(ctx.run) && !ctx.run.options.force {
+        // A drift probe acts on a stale link only as its entry says now; without a `probe`
+        // setting any more, it deletes nothing.
+        let act = ctx
+            .env
+            .probe
+            .is_some_and(|p| p.on_drift == crate::registry::OnDrift::Run);
+        if !act {
+            return Ok(StageReport {
+                status: StageStatus::Skipped,
+                outcome,
+                then: Then::Finish(RunStatus::Skipped),
+                summary: format!(
+                    "drift found by a probe (on_drift = \"notify\", nothing deleted): {}. To repair it: relink run {}",
+                    f.reason, ctx.env.id
+                ),
+                error: None,
+            });
+        }
+    }
     let summary = if f.stale {
         format!("stale link: {}", f.reason)
     } else {
