@@ -783,3 +783,52 @@ async fn report_shows_the_evidence_of_a_run() {
     assert_ne!(missing.code, 0);
     assert!(missing.stderr.contains("not found"), "{missing:?}");
 }
+
+/// Embedded drift probes (`relink probe`, for a timer): a stale link no event mentioned becomes
+/// one run, a clean one a skipped record, and neither is probed again in its slot.
+#[tokio::test]
+async fn relink_probe_finds_drift_by_itself_once_per_slot() {
+    let w = World::new(Spec {
+        uat_rows: 12,
+        project_configs: 4,
+        extra_envs: 1,
+        extra_rows: 8,
+        registry_extra: "probe = { every_hours = 720, on_drift = \"run\" }".into(),
+        ..Spec::default()
+    })
+    .await;
+    let clean = common::extra_env(1);
+    let text = std::fs::read_to_string(&w.config).unwrap();
+    let header = format!("[environments.{clean}]\n");
+    let text = text.replace(
+        &header,
+        &format!("{header}probe = {{ every_hours = 720, on_drift = \"run\" }}\n"),
+    );
+    std::fs::write(&w.config, text).unwrap();
+    w.sim.reset_link(&clean).unwrap();
+
+    let out = w.relink(&["probe", "--json"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let runs = out.json();
+    let status_of = |env: &str| {
+        runs.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["environment_id"] == env)
+            .unwrap_or_else(|| panic!("no probe of {env}: {runs}"))["status"]
+            .clone()
+    };
+    assert_eq!(runs.as_array().unwrap().len(), 2, "{runs}");
+    assert_eq!(status_of(ENV), "awaiting-confirmation");
+    assert_eq!(status_of(&clean), "skipped");
+    assert_eq!(w.sim.snapshot().runtime_configs["uat"], 0);
+    assert_eq!(
+        w.sim.snapshot().runtime_configs["fan001"],
+        3,
+        "the Reset's rows stay"
+    );
+
+    let again = w.relink(&["probe"]).await;
+    assert_eq!(again.code, 0, "{again:?}");
+    assert!(again.stdout.contains("no drift probe is due"), "{again:?}");
+}

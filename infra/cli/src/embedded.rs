@@ -124,6 +124,50 @@ impl Embedded {
         Ok(run)
     }
 
+    /// `relink probe`: starts the drift probes that are due (`relink_core::probe`: one per
+    /// environment and slot, none while a run is under way, one per Dataverse and 20 per call)
+    /// and runs each to its end; the probe runs, in the order they were started. Meant for a
+    /// timer (cron, a systemd timer) every few minutes, as the watcher's schedule is in AWS.
+    pub async fn probe(&self) -> Result<Vec<Run>> {
+        let now = jiff::Timestamp::now();
+        let mut due = Vec::new();
+        for env in self.registry.iter() {
+            let latest = self.store.latest_run(&env.id).await?;
+            if let Some(slot) = relink_core::probe::due(env, latest.as_ref(), now) {
+                due.push((env, slot));
+            }
+        }
+        let queue = MemQueue::default();
+        let mut ids = Vec::new();
+        for (env, started) in relink_core::probe::start_due(&self.store, &queue, due, now).await {
+            match started {
+                Ok(run_id) => ids.push(run_id),
+                Err(e) => eprintln!(
+                    "error: probe of {env}: {}",
+                    crate::display::printable(&e.to_string())
+                ),
+            }
+        }
+        let engine = self.engine(&queue);
+        while let Some(ev) = queue.pop() {
+            if let Err(e) = engine.handle(&ev).await {
+                eprintln!("error: {}", crate::display::printable(&e.to_string()));
+                if let Some(run_id) = &ev.run_id
+                    && e.is_retryable()
+                {
+                    engine.abandon(run_id, &e).await?;
+                }
+            }
+        }
+        let mut runs = Vec::new();
+        for id in ids {
+            if let Some(run) = self.store.get_run(&id).await? {
+                runs.push(run);
+            }
+        }
+        Ok(runs)
+    }
+
     /// `--wait`: while the run awaits the Reset, checks the link every `verify.every_seconds`
     /// (read-only) until it is rebuilt (the run succeeds) or the give-up time ends the run;
     /// Ctrl-C stops waiting and leaves the run awaiting.
@@ -298,6 +342,14 @@ pub async fn run(config: &Path, store: &Path, req: RunRequest) -> Result<Run> {
     let registry = Registry::load(config)?;
     Embedded::open(registry, store, Arc::new(Display::new()))?
         .run(req)
+        .await
+}
+
+/// `relink probe`.
+pub async fn probe(config: &Path, store: &Path) -> Result<Vec<Run>> {
+    let registry = Registry::load(config)?;
+    Embedded::open(registry, store, Arc::new(Display::new()))?
+        .probe()
         .await
 }
 

@@ -17,6 +17,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use relink_core::Error;
 use relink_core::model::{Run, RunOptions, RunStatus, Stage};
+use relink_core::notice::NoticeKind;
 
 /// Exit codes (docs/architecture.md): 0 succeeded or skipped, 1 failed, 2 usage or configuration
 /// error, 3 awaiting confirmation, 4 refused by a guard.
@@ -180,6 +181,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Embedded mode: start and run the drift probes that are due (entries with `probe`), for a
+    /// timer every few minutes; in AWS mode the watcher's schedule does it (relink watch).
+    Probe {
+        #[arg(long)]
+        json: bool,
+    },
     /// AWS mode: registry entries in the table.
     #[command(subcommand)]
     Env(EnvCommand),
@@ -269,6 +276,33 @@ async fn dispatch(cli: Cli) -> u8 {
         Command::Run { env, event, dry_run, force, from_stage, wait, json } => {
             let req = embedded::RunRequest { env, event, dry_run, force, from_stage, wait };
             embedded::run(&cli.config, &cli.store, req).await.map(|run| report(&run, json))
+        }
+        Command::Probe { json } if aws_args.is_none() => {
+            embedded::probe(&cli.config, &cli.store).await.map(|runs| {
+                if json {
+                    let all: Vec<_> = runs.iter().map(display::run_json).collect();
+                    println!("{}", serde_json::to_string_pretty(&all).expect("json"));
+                } else if runs.is_empty() {
+                    println!("no drift probe is due");
+                }
+                let mut code = exit::OK;
+                for run in &runs {
+                    if !json {
+                        let drift = NoticeKind::for_run(run) == Some(NoticeKind::Drift);
+                        println!(
+                            "{}: probe run {} {}{}",
+                            run.environment_id,
+                            run.run_id,
+                            run.status,
+                            if drift { " (drift found; notified, nothing deleted)" } else { "" }
+                        );
+                    }
+                    if matches!(run.status, RunStatus::Failed | RunStatus::Refused) {
+                        code = exit::FAILED;
+                    }
+                }
+                code
+            })
         }
         Command::Report { run_id, format } => {
             let built = match &aws_args {
@@ -405,6 +439,9 @@ async fn aws_dispatch(
         }) => aws.env_push(config, &envs, allow_env_secret).await,
         Command::Env(EnvCommand::List { json }) => aws.env_list(json).await,
         Command::Watch { json } => aws.watch(json).await,
+        Command::Probe { .. } => Err(Error::Config(
+            "relink probe is for embedded mode; in AWS mode the watcher's schedule starts the drift probes (relink watch polls once)".into(),
+        )),
         Command::LocalStack(LocalStackCommand::Create { visibility_secs }) => {
             aws.create_stack(visibility_secs.map(Duration::from_secs))
                 .await

@@ -173,10 +173,8 @@ impl Watcher {
                 Ok(Some(run)) if run.status == RunStatus::AwaitingConfirmation => run,
                 // No probe while a run is under way: it would find the link it is repairing.
                 Ok(latest) => {
-                    if let Some(probe) = env.probe
-                        && latest.is_none_or(|r| r.status.is_terminal())
-                    {
-                        probes.push((env, relink_core::probe::slot(&env.id, probe.every(), now)));
+                    if let Some(slot) = relink_core::probe::due(env, latest.as_ref(), now) {
+                        probes.push((env, slot));
                     }
                     continue;
                 }
@@ -215,63 +213,24 @@ impl Watcher {
                 }
             }
         }
-        self.probe(probes, now, report).await;
+        for (env, started) in
+            relink_core::probe::start_due(self.store.as_ref(), self.queue.as_ref(), probes, now)
+                .await
+        {
+            match started {
+                Ok(run_id) => report.probes.push((env, run_id)),
+                Err(e) => {
+                    tracing::warn!(environment_id = %env, error = %e, "cannot queue a drift probe; will try again next poll");
+                    report.errors.push((env, "probe".into(), e.to_string()));
+                }
+            }
+        }
         if let Some(metrics) = &self.metrics {
             crate::metrics::emit_seconds(
                 metrics.as_ref(),
                 crate::metrics::OLDEST_AWAITING_RESET,
                 oldest,
             );
-        }
-    }
-
-    /// Starts the due drift probes (`relink_core::probe`): one per environment and slot (a claim
-    /// per slot), at most one per Dataverse host and `MAX_PER_POLL` per poll; the others are
-    /// due at the next poll still.
-    async fn probe(&self, due: Vec<(&EnvConfig, u64)>, now: Timestamp, report: &mut WatchReport) {
-        use relink_core::probe::{MAX_PER_POLL, SOURCE};
-        let mut hosts = std::collections::HashSet::new();
-        for (env, slot) in due {
-            if report.probes.len() >= MAX_PER_POLL {
-                break;
-            }
-            // One Dataverse is one organisation URL (its own host in the cloud).
-            let host = env
-                .dataverse_url
-                .as_str()
-                .trim_end_matches('/')
-                .to_ascii_lowercase();
-            if hosts.contains(&host) {
-                continue;
-            }
-            let signal = notify::Notice {
-                source: SOURCE,
-                environment: notify::EnvRef::Registry(env.id.clone()),
-                operation: "drift probe".into(),
-                operation_id: format!("slot-{slot}"),
-            };
-            match start_run(
-                self.store.as_ref(),
-                self.queue.as_ref(),
-                &env.id,
-                &signal,
-                now,
-            )
-            .await
-            {
-                Ok(Started::New(run_id)) => {
-                    hosts.insert(host);
-                    tracing::info!(environment_id = %env.id, run_id = %run_id, slot, "drift probe queued");
-                    report.probes.push((env.id.clone(), run_id));
-                }
-                Ok(Started::Seen(_)) => {}
-                Err(e) => {
-                    tracing::warn!(environment_id = %env.id, error = %e, "cannot queue a drift probe; will try again next poll");
-                    report
-                        .errors
-                        .push((env.id.clone(), "probe".into(), e.to_string()));
-                }
-            }
         }
     }
 

@@ -15,6 +15,12 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
+use crate::error::Result;
+use crate::model::Run;
+use crate::ports::{ProgressStore, StageQueue};
+use crate::registry::EnvConfig;
+use crate::trigger::Started;
+
 /// The trigger source of a probe run.
 pub const SOURCE: &str = "probe";
 
@@ -34,6 +40,61 @@ pub fn slot(environment_id: &str, every: Duration, now: Timestamp) -> u64 {
     let every = every.as_secs().max(1);
     let offset = stable_hash(environment_id) % every;
     (u64::try_from(now.as_second()).unwrap_or(0) + every - offset) / every
+}
+
+/// Whether `env` is due a probe now: it asks for probes and no run of it is under way (a probe
+/// would find the link that run is repairing). `latest`: its latest run. Its slot, if due.
+pub fn due(env: &EnvConfig, latest: Option<&Run>, now: Timestamp) -> Option<u64> {
+    let probe = env.probe?;
+    latest
+        .is_none_or(|r| r.status.is_terminal())
+        .then(|| slot(&env.id, probe.every(), now))
+}
+
+/// Starts the probes of `due` (environment, slot) as runs of source [`SOURCE`]: one per
+/// environment and slot (a claim per slot: a slot already probed is passed over), at most one
+/// per Dataverse and [`MAX_PER_POLL`] in all; the others stay due for the next poll. What was
+/// started (environment, run id) or failed.
+pub async fn start_due(
+    store: &dyn ProgressStore,
+    queue: &dyn StageQueue,
+    due: Vec<(&EnvConfig, u64)>,
+    now: Timestamp,
+) -> Vec<(String, Result<String>)> {
+    let mut out = Vec::new();
+    let mut dataverses = std::collections::HashSet::new();
+    let mut started = 0;
+    for (env, slot) in due {
+        if started >= MAX_PER_POLL {
+            break;
+        }
+        // One Dataverse is one organisation URL (its own host in the cloud).
+        let dataverse = env
+            .dataverse_url
+            .as_str()
+            .trim_end_matches('/')
+            .to_ascii_lowercase();
+        if dataverses.contains(&dataverse) {
+            continue;
+        }
+        let signal = crate::notify::Notice {
+            source: SOURCE,
+            environment: crate::notify::EnvRef::Registry(env.id.clone()),
+            operation: "drift probe".into(),
+            operation_id: format!("slot-{slot}"),
+        };
+        match crate::trigger::start_run(store, queue, &env.id, &signal, now).await {
+            Ok(Started::New(run_id)) => {
+                dataverses.insert(dataverse);
+                started += 1;
+                tracing::info!(environment_id = %env.id, run_id = %run_id, slot, "drift probe queued");
+                out.push((env.id.clone(), Ok(run_id)));
+            }
+            Ok(Started::Seen(_)) => {}
+            Err(e) => out.push((env.id.clone(), Err(e))),
+        }
+    }
+    out
 }
 
 /// Whether a run was started by a probe.
