@@ -1634,26 +1634,7 @@ async fn s30_power_platform_paging_that_never_ends_and_unusable_operations() {
 #[tokio::test]
 async fn s31_killed_while_telling_the_channels() {
     let (a, rows) = world(Spec::default()).await;
-    let teams = common::Receiver::start(202).await;
-    let config = relink_aws::sdk_config().await;
-    let arn = aws_sdk_secretsmanager::Client::new(&config)
-        .create_secret()
-        .name(format!("relink-test/teams-{}", ulid::Ulid::new()))
-        .secret_string(&teams.url)
-        .send()
-        .await
-        .unwrap()
-        .arn()
-        .unwrap()
-        .to_string();
-    let text = std::fs::read_to_string(&a.w.config).unwrap();
-    let header = format!("[environments.{ENV}]\n");
-    let text = text.replace(
-        &header,
-        &format!("{header}notify = {{ teams = {{ secret_arn = \"{arn}\" }} }}\n"),
-    );
-    std::fs::write(&a.w.config, text).unwrap();
-    assert_eq!(a.relink(&["env", "push", ENV]).await.code, 0);
+    let teams = with_teams(&a).await;
 
     let run_id = a.inject(ENV).await;
     // The worker stops once it has claimed the gate's notice, before posting it, and dies.
@@ -1701,6 +1682,162 @@ async fn s31_killed_while_telling_the_channels() {
             also_secret: vec![teams.url.clone()],
         },
         "the redelivered event found the claimed notice unsent and posted it: one Teams message for the gate, recorded on the run; the duplicate posted nothing",
+    )
+    .await;
+}
+
+/// Gives ENV a Teams channel (a local receiver, its URL in a secret as in AWS) and pushes it.
+async fn with_teams(a: &AwsWorld) -> common::Receiver {
+    let teams = common::Receiver::start(202).await;
+    let config = relink_aws::sdk_config().await;
+    let arn = aws_sdk_secretsmanager::Client::new(&config)
+        .create_secret()
+        .name(format!("relink-test/teams-{}", ulid::Ulid::new()))
+        .secret_string(&teams.url)
+        .send()
+        .await
+        .unwrap()
+        .arn()
+        .unwrap()
+        .to_string();
+    let text = std::fs::read_to_string(&a.w.config).unwrap();
+    let header = format!("[environments.{ENV}]\n");
+    let text = text.replace(
+        &header,
+        &format!("{header}notify = {{ teams = {{ secret_arn = \"{arn}\" }} }}\n"),
+    );
+    std::fs::write(&a.w.config, text).unwrap();
+    assert_eq!(a.relink(&["env", "push", ENV]).await.code, 0);
+    teams
+}
+
+/// A world whose environment checks an awaited Reset every second and tells a Teams receiver:
+/// the world, its row count and the receiver.
+async fn checked_world() -> (AwsWorld, usize, common::Receiver) {
+    let (a, rows) = world(Spec {
+        registry_extra:
+            "verify = { every_seconds = 1, give_up_after_seconds = 600, remind_every_seconds = 0 }"
+                .into(),
+        ..Spec::default()
+    })
+    .await;
+    let teams = with_teams(&a).await;
+    (a, rows, teams)
+}
+
+/// The events the Teams receiver was told about, by the card's status fact.
+fn told(teams: &common::Receiver) -> Vec<String> {
+    teams
+        .bodies()
+        .iter()
+        .map(|card| {
+            card["attachments"][0]["content"]["body"][0]["text"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn s32_the_check_of_an_awaited_reset_delivered_twice() {
+    let (a, rows, teams) = checked_world().await;
+    let run_id = a.inject(ENV).await;
+    assert_eq!(a.drain(&[]).await.code, 0);
+    a.w.sim.reset_link(ENV).unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The watcher's check, a copy of it (an operator's rerun), and every batch handed over twice.
+    let watch = a.relink(&["watch", "--json"]).await;
+    assert_eq!(
+        watch.json()["rechecks"].as_array().unwrap().len(),
+        1,
+        "{watch:?}"
+    );
+    a.send_raw(
+        Stage::ResetLink,
+        &format!(r#"{{"environment_id":"{ENV}","run_id":"{run_id}","stage":"reset-link"}}"#),
+    )
+    .await;
+    assert_eq!(a.drain(&["--deliver-twice"]).await.code, 0);
+    let run = a.status_json(&["--run", &run_id]).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(stage(&run, "reset-link")["outcome"]["checks"], 1, "{run}");
+    assert_eq!(
+        told(&teams),
+        [
+            format!("relink: Reset link needed for {ENV}"),
+            format!("relink: link verified for {ENV}")
+        ],
+        "{run}"
+    );
+    assert_eq!(run["notices"].as_array().unwrap().len(), 2, "{run}");
+    a.conclude(
+        Scenario {
+            id: "32-recheck-delivered-twice",
+            title: "The check of an awaited Reset delivered four times at once",
+            injected: "after the Reset, the watcher's check plus a hand-sent copy, each handed to two handlers concurrently",
+            runs: vec![(run_id.clone(), RunStatus::Succeeded)],
+            rows_expected: rows,
+            kept_rows: 0,
+            also_secret: vec![teams.url.clone()],
+        },
+        "one delivery verified the link (checks = 1) and ended the run succeeded; the others found it checked or finished and did nothing: one Teams message for the gate and one for the success",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s33_the_reset_happens_while_a_check_is_in_flight() {
+    let (a, rows, teams) = checked_world().await;
+    let run_id = a.inject(ENV).await;
+    assert_eq!(a.drain(&[]).await.code, 0);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let watch = a.relink(&["watch", "--json"]).await;
+    assert_eq!(
+        watch.json()["rechecks"].as_array().unwrap().len(),
+        1,
+        "{watch:?}"
+    );
+    // The check holds the run and is frozen before it reads the link; the operator presses
+    // Reset now, and the watcher polls meanwhile.
+    let frozen = a.stop_worker_at("verifying:reset-link").await;
+    a.w.sim.reset_link(ENV).unwrap();
+    let during = a.relink(&["watch", "--json"]).await.json();
+    assert_eq!(
+        during["rechecks"],
+        serde_json::json!([]),
+        "no second check of a run being checked: {during}"
+    );
+    let pid = frozen.id().unwrap().to_string();
+    let cont = std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap();
+    assert!(cont.success());
+    wait_exit(frozen).await;
+    assert_eq!(a.drain(&[]).await.code, 0);
+    let run = a.status_json(&["--run", &run_id]).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(stage(&run, "reset-link")["outcome"]["checks"], 1, "{run}");
+    assert_eq!(
+        told(&teams),
+        [
+            format!("relink: Reset link needed for {ENV}"),
+            format!("relink: link verified for {ENV}")
+        ],
+        "{run}"
+    );
+    a.conclude(
+        Scenario {
+            id: "33-reset-during-a-check",
+            title: "The operator resets the link while a check is in flight",
+            injected: "the scheduled check frozen (SIGSTOP) after taking the run, the simulated Reset and a watcher poll meanwhile, then SIGCONT",
+            runs: vec![(run_id.clone(), RunStatus::Succeeded)],
+            rows_expected: rows,
+            kept_rows: 0,
+            also_secret: vec![teams.url.clone()],
+        },
+        "the watcher sent no second check while the run was held; the resumed check read the rebuilt link and ended the run succeeded: one message for the gate, one for the success, no run finished twice",
     )
     .await;
 }

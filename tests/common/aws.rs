@@ -138,6 +138,14 @@ impl AwsWorld {
     /// Starts a worker armed with a failpoint, waits until it has stopped itself there and
     /// SIGKILLs it.
     pub async fn kill_worker_at(&self, failpoint: &str) {
+        let mut worker = self.stop_worker_at(failpoint).await;
+        worker.start_kill().unwrap(); // SIGKILL
+        worker.wait().await.unwrap();
+    }
+
+    /// Starts a worker armed with a failpoint and waits until it has stopped itself there
+    /// (SIGSTOP): the stopped worker, for the test to SIGKILL or SIGCONT.
+    pub async fn stop_worker_at(&self, failpoint: &str) -> tokio::process::Child {
         let mut worker = self.worker_with(&[], &[("RELINK_FAILPOINT", failpoint)]);
         let stat = format!("/proc/{}/stat", worker.id().unwrap());
         let stopped = || {
@@ -157,8 +165,7 @@ impl AwsWorld {
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        worker.start_kill().unwrap(); // SIGKILL
-        worker.wait().await.unwrap();
+        worker
     }
 
     /// Runs a worker to its idle exit and returns its output.

@@ -16,6 +16,8 @@
 //! - `next-sent:STAGE`: the next stage's event is sent; the message is not yet acknowledged.
 //! - `notice-claimed:KIND`: a notice (`awaiting-reset`, `succeeded`, ...) is claimed; nothing is
 //!   posted yet.
+//! - `verifying:reset-link`: a check of an awaited Reset holds the run (marked running); the
+//!   link is not read yet.
 
 #[cfg(feature = "failpoints")]
 static ARMED: std::sync::LazyLock<Option<String>> = std::sync::LazyLock::new(|| {

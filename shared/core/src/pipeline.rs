@@ -753,6 +753,7 @@ impl Engine<'_> {
             }
         };
         self.sink.emit(Progress::StageStarted { stage });
+        crate::failpoint::point("verifying", stage);
         let dataverse = self.connector.dataverse(env)?;
         let fno = self.connector.fno(env)?;
         let ctx = StageCtx {
