@@ -772,7 +772,7 @@ async fn report_shows_the_evidence_of_a_run() {
         "## Reset",
         "## Throttling",
         "## Maps to re-apply",
-        "of 7 maps that ran before, 3 run again; missing: Project 00003",
+        "Of 7 maps that ran before, 3 run again towards this Dataverse; 4 to re-apply:",
         "- [ ] Project 00006 Customers V3 O'Brien",
         "## Notices",
         "## Archive",

@@ -107,7 +107,8 @@ pub async fn run(keep: bool) -> Result<u8> {
             purge_service_path: Some(
                 "/api/services/RelinkServices/RelinkPurgeService/purge".into(),
             ),
-            reset_project_configs: Some(5),
+            // The Reset, then the admin re-applying most maps: 12 are left for the checklist.
+            reset_project_configs: Some(108),
             per_company_key: false,
             skip_paging: false,
             empty_pages: false,
@@ -192,7 +193,7 @@ verify = {{ every_seconds = 1, give_up_after_seconds = 600 }}   # checks of the 
     ));
 
     say(
-        "The operator now resets the link in F&O as instructed above; the simulator plays that part",
+        "The operator now resets the link in F&O as instructed above and re-applies most maps; the simulator plays that part",
     );
     sim.reset_link(DEMO_ENV).map_err(Error::Config)?;
 

@@ -177,14 +177,24 @@ pub fn markdown(r: &Value) -> String {
     ));
     out.push_str("\n## Maps to re-apply\n\n");
     let maps = &r["maps"];
-    match relink_core::stages::maps::summary(maps) {
-        None if maps.is_null() => out.push_str("Not known until the link is verified.\n"),
-        None => out.push_str("No map ran before the restore.\n"),
-        Some(line) => {
-            out.push_str(&format!("{}.\n", printable(&line)));
-            for m in maps["missing"].as_array().into_iter().flatten() {
-                out.push_str(&format!("- [ ] {}\n", text(m)));
-            }
+    if maps.is_null() {
+        out.push_str("Not known until the link is verified.\n");
+    } else if maps["before"].as_u64() == Some(0) {
+        out.push_str("No map ran before the restore.\n");
+    } else {
+        out.push_str(&format!(
+            "Of {} maps that ran before, {} run again towards this Dataverse; {} to re-apply{}\n",
+            text(&maps["before"]),
+            text(&maps["running_again"]),
+            text(&maps["missing_count"]),
+            if maps["missing_count"].as_u64() == Some(0) {
+                "."
+            } else {
+                ":"
+            },
+        ));
+        for m in maps["missing"].as_array().into_iter().flatten() {
+            out.push_str(&format!("- [ ] {}\n", text(m)));
         }
     }
     out.push_str("\n## Notices\n\n");
