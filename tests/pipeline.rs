@@ -561,20 +561,44 @@ async fn run_wait_notices_the_reset_and_finishes_the_run_by_itself() {
 }
 
 /// With no Reset, the checks go on until the give-up time, which ends the run `failed` with
-/// what happened and what to do.
+/// what happened and what to do; reminders go out before.
 #[tokio::test]
 async fn without_a_reset_the_run_gives_up_at_the_configured_time() {
+    let hook = common::Receiver::start(200).await;
     let w = World::new(Spec {
         uat_rows: 10,
         project_configs: 3,
-        registry_extra: "verify = { every_seconds = 1, give_up_after_seconds = 3 }".into(),
+        registry_extra: "verify = { every_seconds = 1, give_up_after_seconds = 4, remind_every_seconds = 2 }\nnotify = { webhook = { env = \"RELINK_W\" }, webhook_secret = { env = \"RELINK_WS\" } }".into(),
         ..Spec::default()
     })
     .await;
-    let out = w.relink(&["run", ENV]).await;
+    let key = format!("notice-signing-key-{}", ulid::Ulid::new());
+    let relink = |args: &[&str]| {
+        let mut cmd = w.command(args);
+        cmd.env("RELINK_W", &hook.url).env("RELINK_WS", &key);
+        cmd
+    };
+    let out = w.finish(relink(&["run", ENV]).output().await.unwrap());
     assert_eq!(out.code, 3, "{out:?}");
     let run_id = w.status().await["run_id"].as_str().unwrap().to_string();
-    let out = w.relink(&["confirm", &run_id, "--wait", "--json"]).await;
+    let out = w.finish(
+        relink(&["confirm", &run_id, "--wait", "--json"])
+            .output()
+            .await
+            .unwrap(),
+    );
+    let told: Vec<String> = hook
+        .bodies()
+        .iter()
+        .map(|b| b["key"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        told.first().map(String::as_str),
+        Some("awaiting-reset"),
+        "{told:?}"
+    );
+    assert_eq!(told.last().map(String::as_str), Some("failed"), "{told:?}");
+    assert!(told.iter().any(|k| k.starts_with("reminder-")), "{told:?}");
     assert_eq!(out.code, 1, "{out:?}");
     let run = out.json();
     assert_eq!(run["status"], "failed", "{run}");
