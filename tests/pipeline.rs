@@ -856,3 +856,239 @@ async fn relink_probe_finds_drift_by_itself_once_per_slot() {
     assert_eq!(again.code, 0, "{again:?}");
     assert!(again.stdout.contains("no drift probe is due"), "{again:?}");
 }
+
+/// Signs the simulated user in for the gateway (`relink auth login ENV --for gateway`).
+async fn sign_in(w: &World) -> common::Out {
+    let out = w.relink(&["auth", "login", ENV, "--for", "gateway"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    out
+}
+
+/// A world of ENV resetting through the simulated gateway (`reset` keys in `extra`), the user
+/// signed in, and `faults` set.
+async fn gateway_world(extra: &str, faults: Faults) -> World {
+    let w = World::new(Spec {
+        uat_rows: 30,
+        project_configs: 6,
+        registry_extra: common::gateway_reset(extra),
+        ..Spec::default()
+    })
+    .await;
+    sign_in(&w).await;
+    w.sim.set_faults(faults);
+    w
+}
+
+/// Gateway mode, end to end in one process: sign in once (device code), then restore ->
+/// detect -> purge -> clear -> stop the running maps -> Reset -> verification -> succeeded, no
+/// person involved, every gateway request in the report.
+#[tokio::test]
+async fn gateway_mode_resets_the_link_without_a_person() {
+    let w = World::new(Spec {
+        uat_rows: 30,
+        project_configs: 6,
+        registry_extra: common::gateway_reset(""),
+        ..Spec::default()
+    })
+    .await;
+    let login = sign_in(&w).await;
+    assert!(
+        login.stderr.contains("/devicelogin") && login.stderr.contains("enter the code"),
+        "{login:?}"
+    );
+    let token_file = w.dir.join("gateway.token");
+    let kept = std::fs::read_to_string(&token_file).unwrap();
+    assert!(kept.starts_with("simrt-"), "a refresh token is kept");
+    assert!(!login.stdout.contains(&kept) && !login.stderr.contains(&kept));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    let out = w.relink(&["run", ENV, "--json"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["status"], "succeeded", "{out:?}");
+    let snap = w.sim.snapshot();
+    assert_eq!(
+        snap.gateway_stops, 1,
+        "the two running maps stopped in one request"
+    );
+    assert_eq!(snap.gateway_resets, 1);
+    assert_eq!(
+        snap.runtime_configs["uat"], 3,
+        "the Reset rebuilt the link towards uat"
+    );
+    assert!(!out.stdout.contains(&kept) && !out.stderr.contains(&kept));
+
+    let run_id = out.json()["run_id"].as_str().unwrap().to_string();
+    let r = w
+        .relink(&["report", &run_id, "--format", "json"])
+        .await
+        .json();
+    let requests = r["reset"]["gateway_requests"].as_array().unwrap().clone();
+    assert_eq!(requests.len(), 2, "{r}");
+    assert_eq!(requests[0]["action"], "stop");
+    assert_eq!(requests[1]["action"], "reset");
+    for q in &requests {
+        assert!(
+            q["request_id"].as_str().is_some_and(|id| !id.is_empty()),
+            "{r}"
+        );
+        assert_eq!(q["state"], "completed", "{r}");
+    }
+    assert_eq!(r["reset"]["verified"], true, "{r}");
+    let md = w.relink(&["report", &run_id]).await.stdout;
+    assert!(md.contains("- gateway reset: request "), "{md}");
+    // The refresh token was rotated and the new one kept.
+    assert_ne!(std::fs::read_to_string(&token_file).unwrap(), kept);
+}
+
+/// The device-code flow against the Entra simulator: pending and slow_down are waited out, an
+/// expired code says to sign in again, and a rotated refresh token is kept so that the next
+/// redemption works when the old one is spent.
+#[tokio::test]
+async fn the_device_code_sign_in_waits_slows_down_expires_and_rotates() {
+    let w = World::new(Spec {
+        uat_rows: 10,
+        project_configs: 3,
+        registry_extra: common::gateway_reset(""),
+        ..Spec::default()
+    })
+    .await;
+    w.sim.set_faults(Faults {
+        device_slow_down: true,
+        device_pending_polls: 2,
+        ..Faults::default()
+    });
+    let started = std::time::Instant::now();
+    sign_in(&w).await;
+    assert_eq!(
+        w.sim.snapshot().device_polls,
+        4,
+        "slow_down, two pending, then the tokens"
+    );
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(6),
+        "after slow_down relink waits five seconds more"
+    );
+
+    w.sim.set_faults(Faults {
+        device_expired: true,
+        ..Faults::default()
+    });
+    let expired = w.relink(&["auth", "login", ENV, "--for", "gateway"]).await;
+    assert_eq!(expired.code, 2, "{expired:?}");
+    assert!(
+        expired.stderr.contains("expired") && expired.stderr.contains("relink auth login"),
+        "{expired:?}"
+    );
+
+    // Strict rotation: each refresh token works once. Two runs redeem twice.
+    w.sim.set_faults(Faults {
+        refresh_single_use: true,
+        ..Faults::default()
+    });
+    assert_eq!(w.relink(&["run", ENV]).await.code, 0);
+    let again = w.relink(&["run", ENV, "--force", "--json"]).await;
+    assert_eq!(again.code, 0, "the rotated sign-in was kept: {again:?}");
+    assert_eq!(w.sim.snapshot().refresh_redeemed, 2);
+}
+
+/// A sign-in that was revoked or expired stops the gateway path with what to do, at the manual
+/// gate by default, and nothing is reset.
+#[tokio::test]
+async fn a_revoked_sign_in_falls_back_to_the_manual_gate_with_what_to_do() {
+    let w = gateway_world(
+        "",
+        Faults {
+            refresh_revoked: true,
+            ..Faults::default()
+        },
+    )
+    .await;
+    let out = w.relink(&["run", ENV, "--json"]).await;
+    assert_eq!(out.code, 3, "{out:?}");
+    let run = out.json();
+    assert_eq!(run["status"], "awaiting-confirmation", "{run}");
+    let instructions = run["instructions"].as_str().unwrap();
+    assert!(
+        instructions.contains(&format!("relink auth login {ENV} --for gateway again"))
+            && instructions.contains("Reset link"),
+        "{instructions}"
+    );
+    assert_eq!(w.sim.snapshot().gateway_resets, 0);
+}
+
+/// Each gateway fault ends the run failed (on_failure = "fail") or at the manual gate, within
+/// the configured bounds, saying what happened; never succeeded.
+#[tokio::test]
+async fn stopping_that_never_completes_ends_at_the_gate_within_the_bound() {
+    let w = gateway_world(
+        "",
+        Faults {
+            gateway_stop_never: true,
+            ..Faults::default()
+        },
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let out = w.relink(&["run", ENV, "--json"]).await;
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(40));
+    let run = out.json();
+    assert!(
+        run["instructions"]
+            .as_str()
+            .unwrap()
+            .contains("did not finish within"),
+        "{run}"
+    );
+    assert_eq!(
+        w.sim.snapshot().gateway_resets,
+        0,
+        "no Reset while maps run"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_reset_fails_the_run_when_the_entry_says_so() {
+    let w = gateway_world(
+        ", on_failure = \"fail\"",
+        Faults {
+            gateway_reset_fails: true,
+            ..Faults::default()
+        },
+    )
+    .await;
+    let out = w.relink(&["run", ENV, "--json"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    let run = out.json();
+    assert_eq!(run["status"], "failed", "{run}");
+    let error = stage(&run, "reset-link")["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("Reset (request") && error.contains("failed"),
+        "{error}"
+    );
+    assert_eq!(w.sim.snapshot().gateway_resets, 1);
+}
+
+#[tokio::test]
+async fn gateway_throttling_and_a_synchronous_reset_still_verify() {
+    let w = gateway_world(
+        "",
+        Faults {
+            gateway_throttle_next: 3,
+            gateway_reset_sync: true,
+            ..Faults::default()
+        },
+    )
+    .await;
+    let out = w.relink(&["run", ENV, "--json"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["status"], "succeeded");
+    assert_eq!(w.sim.snapshot().gateway_resets, 1);
+}

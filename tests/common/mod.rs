@@ -83,6 +83,17 @@ pub fn extra_env(i: usize) -> String {
     format!("fan-{i:03}")
 }
 
+/// The public client a simulated user signs in with (device code).
+pub const PUBLIC_CLIENT: &str = "relink-public-client";
+
+/// Registry lines resetting through the simulated gateway, the sign-in kept in the world's
+/// directory (`extra`: more keys of `reset`, starting with a comma).
+pub fn gateway_reset(extra: &str) -> String {
+    format!(
+        "reset = {{ mode = \"gateway\", gateway = \"{{sim}}/gateway\", token = {{ client_id = \"{PUBLIC_CLIENT}\", file = \"{{dir}}/gateway.token\" }}, poll_seconds = 1, stop_timeout_seconds = 10, reset_timeout_seconds = 20{extra} }}"
+    )
+}
+
 /// Output of one `relink` invocation.
 pub struct Out {
     pub code: i32,
@@ -185,6 +196,7 @@ impl World {
             }],
             organizations,
             fno_environments,
+            public_clients: vec![PUBLIC_CLIENT.into()],
             ..Seed::default()
         })
         .expect("seed");
@@ -214,7 +226,9 @@ impl World {
             "orgcontosouat",
             &format!(
                 "{purge}{}",
-                spec.registry_extra.replace("{sim}", sim.base_url())
+                spec.registry_extra
+                    .replace("{sim}", sim.base_url())
+                    .replace("{dir}", &dir.to_string_lossy())
             ),
         );
         for e in &extra {

@@ -237,6 +237,7 @@ async fn relink_clear(env: &EnvConfig, http: Arc<Http>, dir: &Path) -> Result<us
         dataverse: dataverse.as_ref(),
         fno: fno.as_ref(),
         reset: &ManualReset,
+        gateway: None,
         sink: &Quiet,
         stop_at: None,
     };

@@ -2,6 +2,7 @@
 //! embedded store (SQLite) and an in-process queue; `confirm`, `status`, `sim` and `demo`
 //! complete it. Results go to stdout, progress and logs to stderr.
 
+mod auth;
 mod aws_mode;
 mod demo;
 mod display;
@@ -190,6 +191,9 @@ enum Command {
     /// AWS mode: registry entries in the table.
     #[command(subcommand)]
     Env(EnvCommand),
+    /// A user's sign-in kept for relink (device code: no password, no browser automation).
+    #[command(subcommand)]
+    Auth(AuthCommand),
     /// AWS mode: create the table and queues like template.yaml does, on a local stack (moto).
     #[command(subcommand, name = "local-stack")]
     LocalStack(LocalStackCommand),
@@ -210,6 +214,18 @@ enum Command {
         /// Keep the demo's registry and store (printed) instead of deleting them.
         #[arg(long)]
         keep: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuthCommand {
+    /// Sign a user in once (a code to enter at a URL) and keep the refresh token where the
+    /// entry says: `reset.token` (--for gateway) or `watch.lcs_sign_in` (--for lcs). In AWS mode
+    /// (--table) it goes into the Secrets Manager secret the entry names.
+    Login {
+        env: String,
+        #[arg(long = "for", value_enum)]
+        target: auth::Target,
     },
 }
 
@@ -303,6 +319,15 @@ async fn dispatch(cli: Cli) -> u8 {
                 }
                 code
             })
+        }
+        Command::Auth(AuthCommand::Login { env, target }) => {
+            let secrets: Arc<dyn relink_core::ports::SecretStore> = match &aws_args {
+                Some(a) => Arc::new(relink_aws::secrets::SecretResolver::new(
+                    &aws_mode::Aws::connect(a).await.config,
+                )),
+                None => Arc::new(relink_embedded::EnvSecrets),
+            };
+            auth::login(&cli.config, &env, target, secrets).await
         }
         Command::Report { run_id, format } => {
             let built = match &aws_args {

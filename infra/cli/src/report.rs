@@ -83,6 +83,8 @@ pub async fn build(store: &dyn ProgressStore, run_id: &str, archive_at: &str) ->
             "checks": reset.get("checks"),
             "checked_at": reset.get("checked_at"),
             "checked_by": reset.get("checked_by"),
+            "gateway_requests": reset.get("gateway_requests"),
+            "fell_back": reset.get("fell_back"),
         },
         "throttling": run.stages.iter().filter_map(|s| {
             let t = s.outcome.as_ref()?.get("throttled")?;
@@ -175,6 +177,18 @@ pub fn markdown(r: &Value) -> String {
         text(&reset["checked_at"]),
         text(&reset["checked_by"]),
     ));
+    for g in r["reset"]["gateway_requests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        out.push_str(&format!(
+            "- gateway {}: request {} ({})\n",
+            text(&g["action"]),
+            text(&g["request_id"]),
+            text(&g["state"]),
+        ));
+    }
     out.push_str("\n## Maps to re-apply\n\n");
     let maps = &r["maps"];
     if maps.is_null() {

@@ -45,7 +45,11 @@ pub(crate) fn lcs(
     let mut st = shared.lock();
     st.snapshot.requests += 1;
     *st.snapshot.page_reads.entry("lcs".into()).or_default() += 1;
-    if !st.lcs_tokens.contains(&bearer(headers)) {
+    let token = bearer(headers);
+    let signed_in = st.tokens.get(&token).is_some_and(|t| {
+        t.audience == "https://lcsapi.lcs.dynamics.com" && t.expires > Instant::now()
+    });
+    if !st.lcs_tokens.contains(&token) && !signed_in {
         return (
             StatusCode::UNAUTHORIZED,
             axum::Json(json!({"IsSuccess": false, "ErrorMessage": "Unauthorized"})),

@@ -14,6 +14,7 @@
 mod dataverse;
 mod entra;
 mod fno;
+mod gateway;
 mod lcs;
 mod multipart;
 mod odata;
@@ -124,6 +125,11 @@ impl Sim {
         format!("{}/lcs", self.shared.base)
     }
     /// The Power Platform API base (what `watch.power_platform_api` is set to).
+    /// The dual-write gateway's host (the `reset.gateway` of an entry).
+    pub fn gateway_url(&self) -> String {
+        format!("{}/gateway", self.shared.base)
+    }
+
     pub fn power_platform_api(&self) -> String {
         format!("{}/powerplatform", self.shared.base)
     }
@@ -134,6 +140,8 @@ enum Target {
     Lcs { rest: String },
     PowerPlatform { rest: String },
     Token { tenant: String },
+    DeviceCode,
+    Gateway { rest: String },
     Dataverse { org: String, rest: String },
     Fno { env: String, rest: String },
     Control { rest: String },
@@ -148,6 +156,11 @@ fn route(path: &str) -> Option<Target> {
     }
     if let Some(rest) = p.strip_prefix("lcs/") {
         return Some(Target::Lcs {
+            rest: rest.to_string(),
+        });
+    }
+    if let Some(rest) = p.strip_prefix("gateway/") {
+        return Some(Target::Gateway {
             rest: rest.to_string(),
         });
     }
@@ -172,9 +185,13 @@ fn route(path: &str) -> Option<Target> {
         });
     }
     let (tenant, rest) = p.split_once('/')?;
-    (rest == "oauth2/v2.0/token").then(|| Target::Token {
-        tenant: tenant.to_string(),
-    })
+    match rest {
+        "oauth2/v2.0/token" => Some(Target::Token {
+            tenant: tenant.to_string(),
+        }),
+        "oauth2/v2.0/devicecode" => Some(Target::DeviceCode),
+        _ => None,
+    }
 }
 
 async fn handle(
@@ -194,6 +211,18 @@ async fn handle(
     match target {
         Target::Control { rest } => control(&shared, &method, &rest, &body),
         Target::Token { tenant } => token(&shared, &tenant, &body),
+        Target::DeviceCode => crate::entra::device_code(&shared, &body),
+        Target::Gateway { rest } => {
+            crate::gateway::handle(
+                &shared,
+                &method,
+                &rest,
+                uri.query().unwrap_or(""),
+                &headers,
+                &body,
+            )
+            .await
+        }
         Target::Lcs { rest } => match generic_faults(&shared).await {
             Some(r) => r,
             None => lcs(&shared, &method, &rest, &uri, &headers),
@@ -288,6 +317,7 @@ mod tests {
             per_company_key: false,
             skip_paging: false,
             empty_pages: false,
+            gateway: crate::gateway::GatewayEnv::new("t"),
         };
         assert_eq!(
             fno_key(

@@ -125,6 +125,10 @@ pub struct Seed {
     pub lcs_history: Vec<LcsHistorySeed>,
     #[serde(default)]
     pub power_platform: Vec<PowerPlatformSeed>,
+    /// Public client ids (no secret) that may sign a user in with the device-code flow; the
+    /// simulated user approves each sign-in after `Faults::device_pending_polls` polls.
+    #[serde(default)]
+    pub public_clients: Vec<String>,
 }
 
 /// Dataverse's service protection limits (per client, per organisation, sliding window).
@@ -209,6 +213,31 @@ pub struct Faults {
     /// The Power Platform operations list answers every page with the same continuation token
     /// (paging that never ends).
     pub pp_repeat_token: bool,
+    /// Device-code sign-in: polls answered `authorization_pending` before the user is done.
+    pub device_pending_polls: u32,
+    /// The first poll of each device code is answered `slow_down`.
+    pub device_slow_down: bool,
+    /// Device codes have expired: every poll is answered `expired_token`.
+    pub device_expired: bool,
+    /// The polling interval the device-code endpoint asks for, in seconds.
+    pub device_interval_secs: u64,
+    /// Refresh tokens are revoked: redeeming one is answered `invalid_grant` (AADSTS50173).
+    pub refresh_revoked: bool,
+    /// A refresh token can be redeemed once: a caller that does not keep the rotated one loses
+    /// the sign-in (Entra keeps old ones valid a while; this is the strict reading).
+    pub refresh_single_use: bool,
+    /// Gateway: how long a stop request takes.
+    pub gateway_stop_ms: u64,
+    /// Gateway: stop requests never complete.
+    pub gateway_stop_never: bool,
+    /// Gateway: how long a Reset takes.
+    pub gateway_reset_ms: u64,
+    /// Gateway: a Reset ends in error and the link is not rebuilt.
+    pub gateway_reset_fails: bool,
+    /// Gateway: a Reset answers 200 once done instead of 202 with a request id to poll.
+    pub gateway_reset_sync: bool,
+    /// Gateway: the next N requests are answered 429 with `Retry-After: 1`.
+    pub gateway_throttle_next: u32,
 }
 
 impl Default for Faults {
@@ -232,6 +261,18 @@ impl Default for Faults {
             hold_batches: false,
             ghost_rows: 0,
             pp_repeat_token: false,
+            device_pending_polls: 1,
+            device_slow_down: false,
+            device_expired: false,
+            device_interval_secs: 1,
+            refresh_revoked: false,
+            refresh_single_use: false,
+            gateway_stop_ms: 300,
+            gateway_stop_never: false,
+            gateway_reset_ms: 500,
+            gateway_reset_fails: false,
+            gateway_reset_sync: false,
+            gateway_throttle_next: 0,
         }
     }
 }
@@ -282,4 +323,12 @@ pub struct Snapshot {
     pub held_batches: usize,
     /// Token requests refused because the client secret was not the app's.
     pub wrong_secrets: usize,
+    /// Device-code token polls answered.
+    pub device_polls: usize,
+    /// Refresh tokens redeemed.
+    pub refresh_redeemed: usize,
+    /// Gateway stop requests received.
+    pub gateway_stops: usize,
+    /// Gateway Reset requests received (a second one for a run is what relink must never send).
+    pub gateway_resets: usize,
 }

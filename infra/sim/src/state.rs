@@ -31,6 +31,8 @@ pub(crate) struct FnoEnv {
     pub(crate) per_company_key: bool,
     pub(crate) skip_paging: bool,
     pub(crate) empty_pages: bool,
+    /// The dual-write gateway's view of this environment.
+    pub(crate) gateway: crate::gateway::GatewayEnv,
 }
 
 pub(crate) struct Token {
@@ -67,6 +69,14 @@ pub(crate) struct SimState {
     pub(crate) ghosted: std::collections::HashSet<uuid::Uuid>,
     /// Dataverse / F&O requests that reached the burst decision since the faults were set.
     pub(crate) burst_position: u64,
+    /// Public clients allowed to use the device-code flow.
+    pub(crate) public_clients: std::collections::HashSet<String>,
+    /// Device codes handed out: code -> (client id, scope, polls so far).
+    pub(crate) device_codes: HashMap<String, (String, String, u32)>,
+    /// Refresh tokens that can be redeemed: token -> client id.
+    pub(crate) refresh_tokens: HashMap<String, String>,
+    /// Gateway requests (stop, Reset) by id.
+    pub(crate) gateway_requests: HashMap<String, crate::gateway::GatewayRequest>,
 }
 
 impl SimState {
@@ -142,6 +152,8 @@ pub(crate) fn apply_seed(shared: &Shared, seed: &Seed) -> Result<(), String> {
         st.apps.insert(a.client_id.clone(), a.client_secret.clone());
     }
     st.lcs_tokens.extend(seed.lcs_tokens.iter().cloned());
+    st.public_clients
+        .extend(seed.public_clients.iter().cloned());
     for h in &seed.lcs_history {
         st.lcs_history.insert(
             (h.project_id.clone(), h.environment_id.to_ascii_lowercase()),
@@ -202,6 +214,7 @@ pub(crate) fn apply_seed(shared: &Shared, seed: &Seed) -> Result<(), String> {
             per_company_key: f.per_company_key,
             skip_paging: f.skip_paging,
             empty_pages: f.empty_pages,
+            gateway: crate::gateway::GatewayEnv::new(&f.name),
         };
         fill_project_configs(&mut env, f.project_configs, &url);
         for i in 0..f.field_configs {

@@ -69,6 +69,34 @@ impl SecretStore for SecretResolver {
             SecretSource::Env(var) => Err(Error::Config(format!(
                 "the entry names the environment variable {var} as a secret source; in AWS relink reads secrets only from Secrets Manager: use {{ secret_arn = \"arn:aws:secretsmanager:...\" }}"
             ))),
+            SecretSource::File(path) => Err(Error::Config(format!(
+                "the entry names the file {path} as a secret source; in AWS relink reads secrets only from Secrets Manager: use {{ secret_arn = \"arn:aws:secretsmanager:...\" }}"
+            ))),
         }
+    }
+
+    /// A rotated sign-in (refresh token) goes back into its secret: the functions that redeem
+    /// one may `PutSecretValue` on the sign-in secrets only (template.yaml, `SignInSecretArns`).
+    async fn put_secret(&self, source: &SecretSource, value: &Secret) -> Result<()> {
+        let SecretSource::SecretArn(arn) = source else {
+            return self.secret(source).await.map(|_| ());
+        };
+        self.client
+            .put_secret_value()
+            .secret_id(arn)
+            .secret_string(value.expose())
+            .send()
+            .await
+            .map_err(|e| {
+                Error::store(format!(
+                    "Secrets Manager PutSecretValue {arn}: {}; the function needs secretsmanager:PutSecretValue on it (SignInSecretArns)",
+                    sdk_error(&e)
+                ))
+            })?;
+        self.cache
+            .lock()
+            .await
+            .insert(arn.clone(), (value.clone(), Instant::now()));
+        Ok(())
     }
 }

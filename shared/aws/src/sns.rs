@@ -114,6 +114,9 @@ impl<C: Connector> Connector for WithTopic<C> {
     fn fno(&self, env: &EnvConfig) -> Result<Arc<dyn FnoApi>> {
         self.inner.fno(env)
     }
+    fn gateway(&self, env: &EnvConfig) -> Result<Arc<dyn relink_core::ports::DualWriteGateway>> {
+        self.inner.gateway(env)
+    }
     fn notifier(&self) -> Arc<dyn Notifier> {
         Arc::new(SnsNotifier {
             client: self.client.clone(),

@@ -22,6 +22,7 @@ use relink_core::ports::RegistrySource;
 use relink_core::ports::{ProgressStore, SecretStore, StageQueue, TokenSource};
 use relink_core::registry::{EnvConfig, LcsWatch, join};
 use relink_core::trigger::{Started, start_run};
+use relink_dynamics::delegated::DelegatedTokens;
 use relink_dynamics::token::{ClientSecret, EntraTokens};
 use relink_dynamics::{Http, POWER_PLATFORM, Service, read_json};
 
@@ -75,6 +76,8 @@ pub struct Watcher {
     /// Power Platform token sources by environment, kept across polls so a token is reused
     /// until it expires (rebuilt when the entry changes: keyed by its fingerprint).
     pp_tokens: Mutex<HashMap<String, (String, Arc<EntraTokens>)>>,
+    /// LCS sign-ins (`watch.lcs_sign_in`) by environment, with the fingerprint of their entry.
+    lcs_sign_ins: Mutex<HashMap<String, (String, Arc<DelegatedTokens>)>>,
     /// Where the fleet gauge goes (stdout in Lambda); `None` (the CLI) skips computing it.
     pub metrics: Option<Arc<dyn crate::metrics::MetricsSink>>,
 }
@@ -108,6 +111,7 @@ impl Watcher {
             secrets,
             lcs_calls: Mutex::new(HashMap::new()),
             pp_tokens: Mutex::new(HashMap::new()),
+            lcs_sign_ins: Mutex::new(HashMap::new()),
             metrics: None,
         }
     }
@@ -125,7 +129,7 @@ impl Watcher {
                         "lcs",
                         watch.lookback,
                         &mut report,
-                        self.lcs_entries(lcs),
+                        self.lcs_entries(env, lcs),
                     )
                     .await
             {
@@ -326,10 +330,39 @@ impl Watcher {
     }
 
     /// Completed entries of LCS history (newest first), until the pages run out.
-    async fn lcs_entries(&self, lcs: &LcsWatch) -> Result<Entries> {
-        let token = match &lcs.token {
-            Some(token) => token.clone(),
-            None => self.secrets.secret(&lcs.token_source).await.map_err(|e| {
+    async fn lcs_entries(&self, env: &EnvConfig, lcs: &LcsWatch) -> Result<Entries> {
+        let token = match (&lcs.sign_in, &lcs.token) {
+            // A user's sign-in kept by relink: redeemed (and rotated) here.
+            (Some(sign_in), _) => {
+                let tokens = {
+                    let fingerprint = format!("{env:?}");
+                    let mut cache = self.lcs_sign_ins.lock().await;
+                    match cache.get(&env.id) {
+                        Some((seen, t)) if *seen == fingerprint => t.clone(),
+                        _ => {
+                            let t = Arc::new(DelegatedTokens::new(
+                                self.http.clone(),
+                                &env.authority,
+                                &env.tenant_id,
+                                sign_in,
+                                self.secrets.clone(),
+                                &env.id,
+                                "lcs",
+                            ));
+                            cache.insert(env.id.clone(), (fingerprint, t.clone()));
+                            t
+                        }
+                    }
+                };
+                relink_core::registry::Secret::new(
+                    tokens
+                        .token(relink_core::registry::LCS_SCOPE)
+                        .await
+                        .map_err(|e| Error::Config(format!("watch.lcs_sign_in: {e}")))?,
+                )
+            }
+            (None, Some(token)) => token.clone(),
+            (None, None) => self.secrets.secret(&lcs.token_source).await.map_err(|e| {
                 Error::Config(format!(
                     "watch.lcs_token: {}",
                     relink_core::error::chain(&e)

@@ -87,6 +87,9 @@ pub enum Error {
     /// A run waited for the operator's Reset past its give-up time.
     #[error("{0}")]
     GaveUp(String),
+    /// The Reset through the dual-write gateway failed or timed out, and the entry says to fail.
+    #[error("{0}")]
+    Gateway(String),
 }
 
 impl Error {

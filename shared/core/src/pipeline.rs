@@ -448,12 +448,19 @@ impl Engine<'_> {
     async fn execute(&self, env: &EnvConfig, run: &Run, stage: Stage) -> Result<StageReport> {
         let dataverse = self.connector.dataverse(env)?;
         let fno = self.connector.fno(env)?;
+        let gateway = match (&env.reset, stage) {
+            (crate::registry::ResetMode::Gateway(_), Stage::ResetLink) if !run.options.dry_run => {
+                Some(self.connector.gateway(env)?)
+            }
+            _ => None,
+        };
         let ctx = StageCtx {
             env,
             run,
             store: self.store,
             dataverse: dataverse.as_ref(),
             fno: fno.as_ref(),
+            gateway: gateway.as_deref(),
             reset: self.reset,
             sink: self.sink,
             stop_at: self.stop_at(),
@@ -762,6 +769,7 @@ impl Engine<'_> {
             store: self.store,
             dataverse: dataverse.as_ref(),
             fno: fno.as_ref(),
+            gateway: None,
             reset: self.reset,
             sink: self.sink,
             stop_at: None,

@@ -423,6 +423,72 @@ pub trait Connector: Send + Sync {
     fn notifier(&self) -> std::sync::Arc<dyn Notifier> {
         std::sync::Arc::new(NoNotifier)
     }
+    /// The dual-write gateway client of `env` (`reset = { mode = "gateway" }`).
+    fn gateway(
+        &self,
+        env: &crate::registry::EnvConfig,
+    ) -> Result<std::sync::Arc<dyn DualWriteGateway>> {
+        Err(crate::Error::Config(format!(
+            "environment {}: this relink has no dual-write gateway client",
+            env.id
+        )))
+    }
+}
+
+/// The link as the dual-write gateway describes it (its "connection set").
+#[derive(Clone, Debug, PartialEq)]
+pub struct GatewayLink {
+    /// The connection set's id (Reset, the map list) and name (its own URL).
+    pub cid: String,
+    pub cname: String,
+    /// The URL of the F&O environment the link has (must be the registered one).
+    pub fno_url: String,
+    /// The Dataverse URL the link pointed at when read.
+    pub dataverse_url: String,
+    /// The body of a Reset: the link's Power Apps environment, its two environments and legal
+    /// entities, as the F&O Dual-write page sends them.
+    pub reset_payload: Value,
+}
+
+/// One table map as the gateway lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayMap {
+    pub tid: String,
+    pub pid: Option<String>,
+    pub name: String,
+    /// 1 stopped, 2 initial sync, 4 running, 5 paused, 6 not running (community knowledge).
+    pub state: u8,
+}
+
+impl GatewayMap {
+    /// Whether the map moves data (running, or in its initial sync): a Reset needs it stopped.
+    pub fn runs(&self) -> bool {
+        matches!(self.state, 2 | 4)
+    }
+}
+
+/// Where a gateway request (a stop, a Reset) stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestState {
+    Waiting,
+    Completed,
+    Failed(String),
+}
+
+/// The dual-write management gateway (unsupported; docs/dynamics.md): what a Reset without a
+/// person needs. Every call authenticates as the signed-in user.
+#[async_trait]
+pub trait DualWriteGateway: Send + Sync {
+    /// The link of the environment's F&O.
+    async fn link(&self) -> Result<GatewayLink>;
+    /// The table maps of the link.
+    async fn maps(&self, link: &GatewayLink) -> Result<Vec<GatewayMap>>;
+    /// Asks for `maps` to stop; the request id.
+    async fn stop(&self, link: &GatewayLink, maps: &[GatewayMap]) -> Result<String>;
+    /// Where a request stands.
+    async fn request(&self, request_id: &str) -> Result<RequestState>;
+    /// Asks for the Reset; the request id to poll, or `None` when the answer means it is done.
+    async fn reset(&self, link: &GatewayLink, force: bool) -> Result<Option<String>>;
 }
 
 /// Resets the dual-write link (manual gate by default).
@@ -482,6 +548,17 @@ pub trait SecretStore: Send + Sync {
         &self,
         source: &crate::registry::SecretSource,
     ) -> Result<crate::registry::Secret>;
+    /// Replaces the value of the secret `source` names (a rotated refresh token); by default
+    /// the store cannot be written.
+    async fn put_secret(
+        &self,
+        source: &crate::registry::SecretSource,
+        _value: &crate::registry::Secret,
+    ) -> Result<()> {
+        Err(crate::Error::Config(format!(
+            "{source:?} cannot be written by relink"
+        )))
+    }
 }
 
 /// Posts notices to an environment's channels (`crate::notice`).

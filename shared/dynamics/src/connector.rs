@@ -18,6 +18,8 @@ pub struct HttpConnector {
     secrets: Arc<dyn SecretStore>,
     /// By environment id: the fingerprint of the entry the clients were built from, and them.
     clients: Mutex<HashMap<String, (String, ClientPair)>>,
+    /// Gateway clients, cached the same way (their token cache lives as long as they do).
+    gateways: Mutex<HashMap<String, (String, Arc<crate::gateway::GatewayClient>)>>,
 }
 
 impl HttpConnector {
@@ -27,7 +29,13 @@ impl HttpConnector {
             http,
             secrets,
             clients: Mutex::new(HashMap::new()),
+            gateways: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The shared HTTP client.
+    pub fn http(&self) -> &Arc<Http> {
+        &self.http
     }
 
     fn clients(
@@ -79,6 +87,41 @@ impl relink_core::ports::Connector for HttpConnector {
         env: &relink_core::registry::EnvConfig,
     ) -> Result<Arc<dyn relink_core::ports::FnoApi>> {
         Ok(self.clients(env)?.1)
+    }
+    fn gateway(
+        &self,
+        env: &relink_core::registry::EnvConfig,
+    ) -> Result<Arc<dyn relink_core::ports::DualWriteGateway>> {
+        let relink_core::registry::ResetMode::Gateway(cfg) = &env.reset else {
+            return Err(relink_core::Error::Config(format!(
+                "environment {} does not reset through the gateway",
+                env.id
+            )));
+        };
+        let fingerprint = format!("{env:?}");
+        let mut gateways = self.gateways.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((seen, client)) = gateways.get(&env.id)
+            && *seen == fingerprint
+        {
+            return Ok(client.clone());
+        }
+        let tokens = Arc::new(crate::delegated::DelegatedTokens::new(
+            self.http.clone(),
+            &env.authority,
+            &env.tenant_id,
+            &cfg.token,
+            self.secrets.clone(),
+            &env.id,
+            "gateway",
+        ));
+        let client = Arc::new(crate::gateway::GatewayClient::new(
+            self.http.clone(),
+            tokens,
+            cfg.gateway.clone(),
+            env.fno_url.clone(),
+        ));
+        gateways.insert(env.id.clone(), (fingerprint, client.clone()));
+        Ok(client)
     }
     fn notifier(&self) -> Arc<dyn relink_core::ports::Notifier> {
         Arc::new(crate::notifier::WebhookNotifier::new(

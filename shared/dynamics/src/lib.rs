@@ -5,7 +5,9 @@
 pub mod batch;
 mod connector;
 pub mod dataverse;
+pub mod delegated;
 pub mod fno;
+pub mod gateway;
 pub mod notifier;
 pub mod token;
 

@@ -40,6 +40,7 @@ async fn with_env<T>(
         dataverse: dv,
         fno,
         reset: &ManualReset,
+        gateway: None,
         sink: &TracingSink,
         stop_at: None,
     };
@@ -310,6 +311,7 @@ async fn a_stage_out_of_time_hands_over_with_its_progress_recorded() {
         dataverse: &dv,
         fno: &f,
         reset: &ManualReset,
+        gateway: None,
         sink: &TracingSink,
         stop_at: Some(jiff::Timestamp::now()),
     };

@@ -74,16 +74,98 @@ pub enum SecretSource {
     Env(String),
     /// An AWS Secrets Manager secret (AWS mode only).
     SecretArn(String),
+    /// A file readable by its owner only (embedded mode only; mode 0600).
+    File(String),
 }
 
-/// How the link is reset after the keys are cleared.
+/// A user's sign-in kept for relink (`relink auth login ENV --for gateway|lcs`): the refresh
+/// token of a device-code sign-in by the public client `client_id`, stored where `store` says
+/// (`secret_arn` in AWS, a `file` or an `env` variable embedded). relink redeems it for access
+/// tokens when needed and stores the rotated refresh token back (an `env` variable cannot be
+/// written: it is read only).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, tag = "mode", rename_all = "lowercase")]
-pub enum ResetMode {
-    /// Record exact operator instructions and wait for `relink confirm`.
+#[serde(deny_unknown_fields)]
+pub struct DelegatedToken {
+    /// The public client (an app registration with "Allow public client flows") users sign in
+    /// with; it needs the delegated permission of the target (LCS `user_impersonation`, the
+    /// dual-write gateway's `https://IntegratorApp.com`).
+    pub client_id: String,
+    #[serde(flatten)]
+    pub store: SecretSource,
+}
+
+/// What a failed or timed-out gateway reset leads to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnGatewayFailure {
+    /// Back at the manual gate, the cause written into the operator's instructions (default).
+    #[default]
     Manual,
-    /// Microsoft's unsupported internal gateway (not implemented in this version).
-    Gateway { gateway_url: String },
+    /// The run ends `failed` (exit 1).
+    Fail,
+}
+
+/// `reset = { mode = "gateway", ... }`: the Reset through the dual-write management gateway, an
+/// unsupported interface that the F&O Dual-write page uses (docs/dynamics.md, "The dual-write
+/// gateway"). Opt-in; never for production.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayReset {
+    /// The regional gateway host, e.g. `https://projectmanagementservice.eu.gateway.prod.island.powerapps.com`.
+    pub gateway: Url,
+    pub token: DelegatedToken,
+    /// Reset with `forceReset=true` (the maps are not required to be stopped).
+    pub force: bool,
+    pub on_failure: OnGatewayFailure,
+    /// Longest wait for the running maps to stop.
+    pub stop_timeout: std::time::Duration,
+    /// Longest wait for the Reset, and for the link to verify after it.
+    pub reset_timeout: std::time::Duration,
+    /// Time between two status polls.
+    pub poll: std::time::Duration,
+}
+
+/// The scope a delegated sign-in asks for, by target (`offline_access`: a refresh token).
+pub const GATEWAY_SCOPE: &str = "https://IntegratorApp.com/.default offline_access";
+/// LCS's delegated scope.
+pub const LCS_SCOPE: &str = "https://lcsapi.lcs.dynamics.com/user_impersonation offline_access";
+
+/// How the link is reset after the keys are cleared.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResetMode {
+    /// Record exact operator instructions and wait for the Reset.
+    Manual,
+    /// Stop the maps and Reset through the dual-write gateway (opt-in, unsupported).
+    Gateway(Box<GatewayReset>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, tag = "mode", rename_all = "lowercase")]
+enum RawReset {
+    Manual,
+    Gateway {
+        gateway: String,
+        token: DelegatedToken,
+        #[serde(default)]
+        force: bool,
+        #[serde(default)]
+        on_failure: OnGatewayFailure,
+        #[serde(default = "default_stop_timeout")]
+        stop_timeout_seconds: u64,
+        #[serde(default = "default_reset_timeout")]
+        reset_timeout_seconds: u64,
+        #[serde(default = "default_poll")]
+        poll_seconds: u64,
+    },
+}
+
+fn default_stop_timeout() -> u64 {
+    300
+}
+fn default_reset_timeout() -> u64 {
+    420
+}
+fn default_poll() -> u64 {
+    5
 }
 
 #[derive(Deserialize)]
@@ -119,7 +201,7 @@ struct RawEnv {
     #[serde(default)]
     power_platform_api: Option<String>,
     #[serde(default = "default_reset")]
-    reset: ResetMode,
+    reset: RawReset,
     #[serde(default)]
     fno_purge_service: Option<String>,
     #[serde(default)]
@@ -247,6 +329,10 @@ struct RawWatch {
     lcs_project_id: Option<String>,
     #[serde(default)]
     lcs_token: Option<SecretSource>,
+    /// A user's sign-in (`relink auth login ENV --for lcs`) instead of an access token kept
+    /// fresh by other automation.
+    #[serde(default)]
+    lcs_sign_in: Option<DelegatedToken>,
     #[serde(default)]
     lcs_api: Option<String>,
     #[serde(default)]
@@ -283,13 +369,16 @@ pub struct LcsWatch {
     pub api: Url,
     pub project_id: String,
     pub environment_id: String,
-    /// LCS accepts only delegated (user) tokens: the secret holds a current access token.
+    /// LCS accepts only delegated (user) tokens: the secret holds a current access token
+    /// (`watch.lcs_token`), or `sign_in` is set and the secret holds a refresh token.
     pub token_source: SecretSource,
     pub token: Option<Secret>,
+    /// `watch.lcs_sign_in`: relink redeems the user's refresh token itself.
+    pub sign_in: Option<DelegatedToken>,
 }
 
-fn default_reset() -> ResetMode {
-    ResetMode::Manual
+fn default_reset() -> RawReset {
+    RawReset::Manual
 }
 
 /// Tuning of page sizes, batch sizes and concurrency; the defaults suit Dataverse's limits.
@@ -628,13 +717,49 @@ fn validate(id: &str, raw: RawEnv, lookup: &impl Fn(&str) -> Option<String>) -> 
             }
             None
         }
+        // Read (and its mode checked) when a token is needed.
+        SecretSource::File(_) => None,
     };
-    if let ResetMode::Gateway { gateway_url } = &raw.reset {
-        endpoint("reset.gateway_url", gateway_url, insecure)?;
-        return Err(Error::Config(
-            "reset mode `gateway` (Microsoft's unsupported internal gateway) is not implemented in this version; use reset = { mode = \"manual\" }".into(),
-        ));
-    }
+    let reset = match raw.reset {
+        RawReset::Manual => ResetMode::Manual,
+        RawReset::Gateway {
+            gateway,
+            token,
+            force,
+            on_failure,
+            stop_timeout_seconds,
+            reset_timeout_seconds,
+            poll_seconds,
+        } => {
+            if raw.kind == EnvKind::Production {
+                return Err(Error::Config(
+                    "reset mode `gateway` is never used on production (an unsupported interface); use reset = { mode = \"manual\" }".into(),
+                ));
+            }
+            let gateway =
+                credential_endpoint("reset.gateway", &gateway, insecure, Receiver::Gateway)?;
+            check_public_client(&token, "reset.token")?;
+            // The reset-link function has 900 s: both waits and the verification fit in it.
+            if !(10..=600).contains(&stop_timeout_seconds)
+                || !(10..=600).contains(&reset_timeout_seconds)
+                || stop_timeout_seconds + reset_timeout_seconds > 780
+                || !(1..=60).contains(&poll_seconds)
+            {
+                return Err(Error::Config(format!(
+                    "reset: stop_timeout_seconds and reset_timeout_seconds must be 10-600 and together at most 780, poll_seconds 1-60 (got {stop_timeout_seconds}, {reset_timeout_seconds}, {poll_seconds})"
+                )));
+            }
+            ResetMode::Gateway(Box::new(GatewayReset {
+                gateway,
+                token,
+                force,
+                on_failure,
+                stop_timeout: std::time::Duration::from_secs(stop_timeout_seconds),
+                reset_timeout: std::time::Duration::from_secs(reset_timeout_seconds),
+                poll: std::time::Duration::from_secs(poll_seconds),
+            }))
+        }
+    };
     if let Some(p) = &raw.fno_purge_service
         && (!p.starts_with('/') || p.contains("..") || p.contains("://") || p.contains('?'))
     {
@@ -709,7 +834,7 @@ fn validate(id: &str, raw: RawEnv, lookup: &impl Fn(&str) -> Option<String>) -> 
         allow_production: raw.allow_production,
         allow_unverified_pairing: raw.allow_unverified_pairing,
         power_platform_api,
-        reset: raw.reset,
+        reset,
         fno_purge_service: raw.fno_purge_service,
         limits: raw.limits,
         watch,
@@ -730,7 +855,19 @@ fn watch_config(
     insecure: bool,
     lookup: &impl Fn(&str) -> Option<String>,
 ) -> Result<WatchConfig> {
-    let lcs = match (w.lcs_project_id, w.lcs_token) {
+    if w.lcs_token.is_some() && w.lcs_sign_in.is_some() {
+        return Err(Error::Config(
+            "`watch` takes `lcs_token` (an access token kept fresh elsewhere) or `lcs_sign_in` (relink auth login ENV --for lcs), not both".into(),
+        ));
+    }
+    if let Some(t) = &w.lcs_sign_in {
+        check_public_client(t, "watch.lcs_sign_in")?;
+    }
+    let sign_in = w.lcs_sign_in.clone();
+    let lcs_token = w
+        .lcs_token
+        .or_else(|| sign_in.as_ref().map(|t| t.store.clone()));
+    let lcs = match (w.lcs_project_id, lcs_token) {
         (Some(project_id), Some(token_source)) => {
             let environment_id = lcs_env.clone().ok_or_else(|| {
                 Error::Config(
@@ -740,8 +877,9 @@ fn watch_config(
             // A missing LCS token stops only the watcher's LCS polling of this entry (it says
             // so when it polls), never the relinking itself.
             let token = match &token_source {
+                _ if sign_in.is_some() => None,
                 SecretSource::Env(var) => lookup(var).filter(|v| !v.is_empty()).map(Secret::new),
-                SecretSource::SecretArn(_) => None,
+                SecretSource::SecretArn(_) | SecretSource::File(_) => None,
             };
             let api = credential_endpoint(
                 "watch.lcs_api",
@@ -755,12 +893,13 @@ fn watch_config(
                 environment_id,
                 token_source,
                 token,
+                sign_in,
             })
         }
         (None, None) => None,
         _ => {
             return Err(Error::Config(
-                "`watch` needs both `lcs_project_id` and `lcs_token` to read LCS history".into(),
+                "`watch` needs `lcs_project_id` and `lcs_token` (or `lcs_sign_in`) to read LCS history".into(),
             ));
         }
     };
@@ -854,6 +993,7 @@ enum Receiver {
     Entra,
     Lcs,
     PowerPlatform,
+    Gateway,
 }
 
 impl Receiver {
@@ -862,6 +1002,16 @@ impl Receiver {
     fn accepts(self, host: &str) -> bool {
         let host = host.to_ascii_lowercase();
         match self {
+            // The regional dual-write management gateways (community knowledge, docs/dynamics.md).
+            Receiver::Gateway => host
+                .strip_prefix("projectmanagementservice.")
+                .and_then(|h| h.strip_suffix(".gateway.prod.island.powerapps.com"))
+                .is_some_and(|region| {
+                    !region.is_empty()
+                        && region
+                            .bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+                }),
             Receiver::Entra => [
                 "login.microsoftonline.com",
                 "login.microsoftonline.us",
@@ -928,23 +1078,48 @@ fn is_loopback(url: &Url) -> bool {
 /// role's AWS credentials are) and send the value to the entry's hosts.
 fn only_stored_secrets(raw: &RawEnv) -> std::result::Result<(), String> {
     let lcs = raw.watch.as_ref().and_then(|w| w.lcs_token.as_ref());
+    let lcs_sign_in = raw
+        .watch
+        .as_ref()
+        .and_then(|w| w.lcs_sign_in.as_ref())
+        .map(|t| &t.store);
+    let gateway = match &raw.reset {
+        RawReset::Gateway { token, .. } => Some(&token.store),
+        RawReset::Manual => None,
+    };
     let n = raw.notify.clone().unwrap_or_default();
     for (field, source) in [
         ("client_secret", Some(&raw.client_secret)),
         ("watch.lcs_token", lcs),
+        ("watch.lcs_sign_in", lcs_sign_in),
+        ("reset.token", gateway),
         ("notify.teams", n.teams.as_ref()),
         ("notify.slack", n.slack.as_ref()),
         ("notify.webhook", n.webhook.as_ref()),
         ("notify.webhook_secret", n.webhook_secret.as_ref()),
     ] {
-        if let Some(SecretSource::Env(var)) = source {
-            return Err(format!(
-                "`{field}` names the environment variable {var}; in AWS relink reads secrets only from Secrets Manager: use {field} = {{ secret_arn = \"arn:aws:secretsmanager:...\" }}"
-            ));
-        }
+        let named = match source {
+            Some(SecretSource::Env(var)) => format!("the environment variable {var}"),
+            Some(SecretSource::File(path)) => format!("the file {path}"),
+            _ => continue,
+        };
+        return Err(format!(
+            "`{field}` names {named}; in AWS relink reads secrets only from Secrets Manager: use {field} = {{ secret_arn = \"arn:aws:secretsmanager:...\" }}"
+        ));
     }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests;
+
+/// A delegated sign-in's client id is an id (a GUID in Entra), never a URL or a path.
+fn check_public_client(token: &DelegatedToken, field: &str) -> Result<()> {
+    let id = token.client_id.trim();
+    if id.is_empty() || id.contains('/') || id.contains(':') {
+        return Err(Error::Config(format!(
+            "`{field}.client_id` must be the id of a public client app registration"
+        )));
+    }
+    Ok(())
+}

@@ -117,10 +117,6 @@ fn an_invalid_table_entry_refuses_only_its_own_environment() {
 fn bad_values_are_explained() {
     assert!(err(&GOOD.replace("sandbox\"", "staging\"")).contains("staging"));
     assert!(
-        err(&GOOD.replace("\"manual\"", "\"gateway\", gateway_url = \"https://gw\""))
-            .contains("not implemented")
-    );
-    assert!(
         err(&format!(
             "{GOOD}limits = {{ dataverse_batch_size = 5000 }}\n"
         ))
@@ -235,4 +231,51 @@ fn drift_probes_are_bounded_and_notify_needs_a_channel() {
     assert!(e.contains("needs a notification channel"), "{e}");
     let e = err(&with("{ every_hours = 6, on_drift = \"delete\" }"));
     assert!(e.contains("delete"), "{e}");
+}
+
+#[test]
+fn the_gateway_mode_is_bounded_never_production_and_sends_tokens_to_gateways_only() {
+    let gw = |host: &str, extra: &str| {
+        GOOD.replace(
+            "reset = { mode = \"manual\" }",
+            &format!("reset = {{ mode = \"gateway\", gateway = \"{host}\", token = {{ client_id = \"22222222-2222-2222-2222-222222222222\", file = \"/tmp/t\" }}{extra} }}"),
+        )
+    };
+    let ok = "https://projectmanagementservice.eu.gateway.prod.island.powerapps.com";
+    let reg = Registry::parse(&gw(ok, ""), lookup).unwrap();
+    let ResetMode::Gateway(cfg) = &reg.get("contoso-uat").unwrap().reset else {
+        panic!("gateway mode")
+    };
+    assert!(!cfg.force && cfg.on_failure == OnGatewayFailure::Manual);
+    assert_eq!(
+        cfg.stop_timeout.as_secs() + cfg.reset_timeout.as_secs(),
+        720
+    );
+    let e = err(&gw("https://evil.example.com", ""));
+    assert!(e.contains("not a host relink sends credentials to"), "{e}");
+    let e = err(&gw(ok, "").replace(
+        "kind = \"sandbox\"",
+        "kind = \"production\"\nallow_production = true",
+    ));
+    assert!(e.contains("never used on production"), "{e}");
+    let e = err(&gw(
+        ok,
+        ", stop_timeout_seconds = 600, reset_timeout_seconds = 600",
+    ));
+    assert!(e.contains("at most 780"), "{e}");
+    let e = err(&gw(ok, ", on_failure = \"retry\""));
+    assert!(e.contains("retry"), "{e}");
+    // In the AWS table a sign-in lives in Secrets Manager only.
+    let entry: serde_json::Value = serde_json::to_value(
+        toml::from_str::<toml::Table>(&gw(ok, "").replace(
+            "{ env = \"CONTOSO_UAT_SECRET\" }",
+            "{ secret_arn = \"arn:aws:secretsmanager:eu-west-1:1:secret:x\" }",
+        ))
+        .unwrap()["environments"]["contoso-uat"]
+            .clone(),
+    )
+    .unwrap();
+    let reg = Registry::from_entries(&[("contoso-uat".into(), entry)]);
+    let e = reg.get("contoso-uat").unwrap_err().to_string();
+    assert!(e.contains("reset.token") && e.contains("secret_arn"), "{e}");
 }

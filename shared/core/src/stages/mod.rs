@@ -14,6 +14,7 @@
 mod clear;
 mod detect;
 mod engine;
+mod gateway;
 mod guards;
 pub mod maps;
 mod purge;
@@ -57,6 +58,8 @@ pub struct StageCtx<'a> {
     pub dataverse: &'a dyn DataverseApi,
     pub fno: &'a dyn FnoApi,
     pub reset: &'a dyn ResetDriver,
+    /// The dual-write gateway, for `reset-link` in gateway mode.
+    pub gateway: Option<&'a dyn crate::ports::DualWriteGateway>,
     pub sink: &'a dyn ProgressSink,
     /// When a stage that can run long stops sending work, drains what is in flight and hands
     /// over to a new invocation ([`Then::Again`]); `None` runs to the end (embedded mode).

@@ -16,11 +16,20 @@ pub async fn reset_link(ctx: &StageCtx<'_>) -> Result<StageReport> {
     if ctx.run.options.dry_run {
         return Ok(StageReport {
             status: StageStatus::Skipped,
-            outcome: json!({"would": "reset the link (manual: an operator resets it in F&O, then runs relink confirm)"}),
+            outcome: json!({"would": match &ctx.env.reset {
+                crate::registry::ResetMode::Manual => "reset the link (manual: an operator resets it in F&O; relink verifies it)",
+                crate::registry::ResetMode::Gateway(_) => "stop the running maps and reset the link through the dual-write gateway, then verify it",
+            }}),
             then: Then::Finish(RunStatus::Succeeded),
             summary: "dry run: the link would now be reset".into(),
             error: None,
         });
+    }
+    if let crate::registry::ResetMode::Gateway(cfg) = &ctx.env.reset {
+        let gateway = ctx.gateway.ok_or_else(|| {
+            crate::Error::Config("reset mode `gateway` needs a gateway client".into())
+        })?;
+        return super::gateway::gateway_reset(ctx, cfg, gateway).await;
     }
     match ctx.reset.reset(ctx.env, ctx.run).await? {
         ResetOutcome::AwaitConfirmation { instructions } => Ok(StageReport {
