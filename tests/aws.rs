@@ -877,3 +877,104 @@ async fn probes_find_drift_no_event_mentioned_and_start_exactly_one_run() {
     );
     a.assert_queues_empty().await;
 }
+
+/// Gateway mode in AWS: the sign-in kept in a Secrets Manager secret (relink auth login writes
+/// it, the function redeems it and writes the rotated one back), and the queues carry the run
+/// from the restore event to a verified link with no person involved.
+#[tokio::test]
+async fn gateway_mode_in_aws_resets_and_keeps_the_rotated_sign_in() {
+    let a = AwsWorld::new(Spec {
+        uat_rows: 25,
+        project_configs: 5,
+        ..Spec::default()
+    })
+    .await;
+    let arn = a.sign_in_for_gateway().await;
+    let kept = a.secret_value(&arn).await;
+    assert!(kept.starts_with("simrt-"), "the sign-in is in the secret");
+
+    let run_id = a.inject(ENV).await;
+    assert_eq!(a.drain(&[]).await.code, 0);
+    let run = a.status_json(&["--run", &run_id]).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(a.w.sim.snapshot().gateway_resets, 1);
+    let r = a
+        .relink(&["report", &run_id, "--format", "json"])
+        .await
+        .json();
+    let ids: Vec<&str> = r["reset"]["gateway_requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|q| q["request_id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), 2, "{r}");
+    assert_ne!(
+        a.secret_value(&arn).await,
+        kept,
+        "the rotated sign-in was stored back"
+    );
+    assert!(
+        !a.logs().contains(&kept),
+        "the refresh token never reaches a log"
+    );
+    a.assert_queues_empty().await;
+}
+
+/// The watcher's LCS token from a user's sign-in kept by relink (`watch.lcs_sign_in`, `relink
+/// auth login ENV --for lcs`): no outside automation keeps a token fresh; the watcher redeems
+/// the refresh token and stores the rotated one back.
+#[tokio::test]
+async fn the_watcher_reads_lcs_with_a_sign_in_relink_keeps() {
+    use relink_sim::{LcsHistorySeed, Seed};
+    let config = relink_aws::sdk_config().await;
+    let arn = aws_sdk_secretsmanager::Client::new(&config)
+        .create_secret()
+        .name(format!("relink-test-lcs-signin/{}", ulid::Ulid::new()))
+        .secret_string("not signed in yet")
+        .send()
+        .await
+        .unwrap()
+        .arn()
+        .unwrap()
+        .to_string();
+    let a = AwsWorld::new(Spec {
+        registry_extra: format!(
+            "lcs_environment_id = \"lcs-env-7\"\nwatch = {{ lcs_project_id = \"7654321\", lcs_sign_in = {{ client_id = \"{}\", secret_arn = \"{arn}\" }}, lcs_api = \"{{sim}}/lcs\" }}",
+            common::PUBLIC_CLIENT
+        ),
+        ..Spec::default()
+    })
+    .await;
+    let login = a.relink(&["auth", "login", ENV, "--for", "lcs"]).await;
+    assert_eq!(login.code, 0, "{login:?}");
+    let kept = a.secret_value(&arn).await;
+    let end = jiff::Timestamp::now() - jiff::SignedDuration::from_mins(5);
+    a.w.sim
+        .seed(&Seed {
+            lcs_history: vec![LcsHistorySeed {
+                project_id: "7654321".into(),
+                environment_id: "lcs-env-7".into(),
+                entries: vec![serde_json::json!({
+                    "Name": "SFSourceDbToSandbox", "Type": "SFSourceDbToSandbox", "Status": "Completed",
+                    "ActivityId": "act-7", "EnvironmentId": "lcs-env-7", "ProjectId": "7654321",
+                    "EndDateTimeUtc": end.strftime("%Y-%m-%dT%H:%M:%S%.3f").to_string(),
+                })],
+            }],
+            ..Seed::default()
+        })
+        .unwrap();
+    let report = a.relink(&["watch", "--json"]).await;
+    assert_eq!(report.code, 0, "{report:?}");
+    assert_eq!(
+        report.json()["started"].as_array().unwrap().len(),
+        1,
+        "{report:?}"
+    );
+    assert_ne!(
+        a.secret_value(&arn).await,
+        kept,
+        "the rotated sign-in was stored back"
+    );
+    assert!(!report.stdout.contains(&kept) && !report.stderr.contains(&kept));
+}

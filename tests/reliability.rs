@@ -1841,3 +1841,63 @@ async fn s33_the_reset_happens_while_a_check_is_in_flight() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn s34_killed_between_asking_the_maps_to_stop_and_their_stop() {
+    let (a, rows) = world(Spec::default()).await;
+    a.sign_in_for_gateway().await;
+    let run_id = a.inject(ENV).await;
+    a.kill_worker_at("gateway-stop:requested").await;
+    assert_eq!(a.w.sim.snapshot().gateway_resets, 0);
+    assert_eq!(a.drain(&[]).await.code, 0);
+    let run = a.status_json(&["--run", &run_id]).await;
+    let snap = a.w.sim.snapshot();
+    assert_eq!(snap.gateway_resets, 1, "one Reset: {run}");
+    a.conclude(
+        Scenario {
+            id: "34-killed-while-maps-stop",
+            title: "SIGKILL between asking the gateway to stop the maps and their stop",
+            injected: "worker SIGKILLed right after the gateway took the stop request (gateway reset mode)",
+            runs: vec![(run_id.clone(), RunStatus::Succeeded)],
+            rows_expected: rows,
+            kept_rows: 0,
+            also_secret: vec![],
+        },
+        &format!(
+            "the redelivered event found the maps stopped (or asked again for those still running: {} stop request(s) in all), then asked for one Reset, and the link verified: succeeded",
+            snap.gateway_stops
+        ),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn s35_killed_between_asking_for_the_reset_and_its_end() {
+    let (a, rows) = world(Spec::default()).await;
+    a.sign_in_for_gateway().await;
+    let run_id = a.inject(ENV).await;
+    a.kill_worker_at("gateway-reset:requested").await;
+    assert_eq!(a.w.sim.snapshot().gateway_resets, 1);
+    assert_eq!(a.drain(&[]).await.code, 0);
+    let run = a.status_json(&["--run", &run_id]).await;
+    assert_eq!(
+        a.w.sim.snapshot().gateway_resets,
+        1,
+        "no second Reset after the crash: {run}"
+    );
+    let requests = stage(&run, "reset-link")["outcome"]["gateway_requests"].to_string();
+    assert!(requests.contains("asked_before"), "{requests}");
+    a.conclude(
+        Scenario {
+            id: "35-killed-while-the-reset-runs",
+            title: "SIGKILL between asking the gateway for the Reset and its end",
+            injected: "worker SIGKILLed right after the gateway accepted the Reset (gateway reset mode)",
+            runs: vec![(run_id.clone(), RunStatus::Succeeded)],
+            rows_expected: rows,
+            kept_rows: 0,
+            also_secret: vec![],
+        },
+        "the claim taken before the Reset told the redelivered event it had been asked for: no second Reset was sent; it waited for the link, which verified: succeeded",
+    )
+    .await;
+}

@@ -178,6 +178,57 @@ impl AwsWorld {
         self.w.finish(out)
     }
 
+    /// Puts ENV in gateway reset mode with its sign-in in a Secrets Manager secret, signs the
+    /// simulated user in (`relink auth login ENV --for gateway`) and pushes the entry: the
+    /// secret's ARN.
+    pub async fn sign_in_for_gateway(&self) -> String {
+        let config = relink_aws::sdk_config().await;
+        let arn = aws_sdk_secretsmanager::Client::new(&config)
+            .create_secret()
+            .name(format!("relink-test/signin-{}", ulid::Ulid::new()))
+            .secret_string("not signed in yet")
+            .send()
+            .await
+            .unwrap()
+            .arn()
+            .unwrap()
+            .to_string();
+        let text = std::fs::read_to_string(&self.w.config).unwrap();
+        let header = format!("[environments.{}]\n", super::ENV);
+        let reset = super::gateway_reset("")
+            .replace("{sim}", self.w.sim.base_url())
+            .replace(
+                "file = \"{dir}/gateway.token\"",
+                &format!("secret_arn = \"{arn}\""),
+            );
+        std::fs::write(
+            &self.w.config,
+            text.replace(&header, &format!("{header}{reset}\n")),
+        )
+        .unwrap();
+        let login = self
+            .relink(&["auth", "login", super::ENV, "--for", "gateway"])
+            .await;
+        assert_eq!(login.code, 0, "{login:?}");
+        let push = self.relink(&["env", "push", super::ENV]).await;
+        assert_eq!(push.code, 0, "{push:?}");
+        arn
+    }
+
+    /// The current value of a secret on the local stack.
+    pub async fn secret_value(&self, arn: &str) -> String {
+        let config = relink_aws::sdk_config().await;
+        aws_sdk_secretsmanager::Client::new(&config)
+            .get_secret_value()
+            .secret_id(arn)
+            .send()
+            .await
+            .unwrap()
+            .secret_string()
+            .unwrap()
+            .to_string()
+    }
+
     /// A queue subscribed to the notices topic, as a customer's integration would be: its URL.
     pub async fn subscribe_notices(&self) -> String {
         let name = format!("{}notices-sub", self.prefix);

@@ -71,7 +71,8 @@ pub fn function_timeout(stage: Stage) -> Duration {
         Stage::DetectMismatch => 120,
         Stage::PurgeKeys => 300,
         Stage::ClearDataverseConfigs => 900,
-        Stage::ResetLink => 120,
+        // A gateway reset waits for the maps to stop and the Reset to finish (at most 780 s).
+        Stage::ResetLink => 900,
     })
 }
 
