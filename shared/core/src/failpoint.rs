@@ -18,6 +18,9 @@
 //!   posted yet.
 //! - `verifying:reset-link`: a check of an awaited Reset holds the run (marked running); the
 //!   link is not read yet.
+//! - `gateway-stop:requested`: the gateway took the request to stop the maps; not yet stopped.
+//! - `gateway-reset:claimed` / `gateway-reset:requested`: the run's Reset claim is taken / the
+//!   gateway accepted the Reset; it has not finished.
 
 #[cfg(feature = "failpoints")]
 static ARMED: std::sync::LazyLock<Option<String>> = std::sync::LazyLock::new(|| {
