@@ -577,5 +577,9 @@ fn checked_entry(
             "`client_secret` of {env} names an environment variable; in AWS, give a Secrets Manager ARN: client_secret = {{ secret_arn = \"arn:aws:secretsmanager:...\" }} (or pass --allow-env-secret for a local stack)"
         )));
     }
+    if !allow_env_secret {
+        // The functions' own check (every secret from Secrets Manager), before anything is stored.
+        Registry::from_entries(&[(env.to_string(), entry.clone())]).get(env)?;
+    }
     Ok(entry)
 }
