@@ -138,17 +138,11 @@ async fn the_watcher_queues_one_run_per_new_refresh_and_loses_none_to_outages_or
 
     const TOKEN: &str = "lcs-delegated-token";
     // In AWS the LCS token, like every secret, is read from Secrets Manager.
-    let lcs_token = aws_sdk_secretsmanager::Client::new(&relink_aws::sdk_config().await)
-        .create_secret()
-        .name(format!("relink-test-lcs/{}", ulid::Ulid::new()))
-        .secret_string(TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let lcs_token = common::aws::local_secret("relink-test/lcs", TOKEN).await;
     let a = AwsWorld::new(Spec {
         registry_extra: format!(
             "lcs_environment_id = \"lcs-env-9\"\nwatch = {{ lcs_project_id = \"1234567\", lcs_token = {{ secret_arn = \"{}\" }}, lcs_api = \"{{sim}}/lcs\" }}",
-            lcs_token.arn().unwrap()
+            lcs_token
         ),
         ..Spec::default()
     })
@@ -927,17 +921,7 @@ async fn gateway_mode_in_aws_resets_and_keeps_the_rotated_sign_in() {
 #[tokio::test]
 async fn the_watcher_reads_lcs_with_a_sign_in_relink_keeps() {
     use relink_sim::{LcsHistorySeed, Seed};
-    let config = relink_aws::sdk_config().await;
-    let arn = aws_sdk_secretsmanager::Client::new(&config)
-        .create_secret()
-        .name(format!("relink-test-lcs-signin/{}", ulid::Ulid::new()))
-        .secret_string("not signed in yet")
-        .send()
-        .await
-        .unwrap()
-        .arn()
-        .unwrap()
-        .to_string();
+    let arn = common::aws::local_secret("relink-test/lcs-signin", "not signed in yet").await;
     let a = AwsWorld::new(Spec {
         registry_extra: format!(
             "lcs_environment_id = \"lcs-env-7\"\nwatch = {{ lcs_project_id = \"7654321\", lcs_sign_in = {{ client_id = \"{}\", secret_arn = \"{arn}\" }}, lcs_api = \"{{sim}}/lcs\" }}",

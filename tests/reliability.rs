@@ -1689,17 +1689,7 @@ async fn s31_killed_while_telling_the_channels() {
 /// Gives ENV a Teams channel (a local receiver, its URL in a secret as in AWS) and pushes it.
 async fn with_teams(a: &AwsWorld) -> common::Receiver {
     let teams = common::Receiver::start(202).await;
-    let config = relink_aws::sdk_config().await;
-    let arn = aws_sdk_secretsmanager::Client::new(&config)
-        .create_secret()
-        .name(format!("relink-test/teams-{}", ulid::Ulid::new()))
-        .secret_string(&teams.url)
-        .send()
-        .await
-        .unwrap()
-        .arn()
-        .unwrap()
-        .to_string();
+    let arn = common::aws::local_secret("relink-test/teams", &teams.url).await;
     let text = std::fs::read_to_string(&a.w.config).unwrap();
     let header = format!("[environments.{ENV}]\n");
     let text = text.replace(
@@ -1725,9 +1715,9 @@ async fn checked_world() -> (AwsWorld, usize, common::Receiver) {
     (a, rows, teams)
 }
 
-/// The events the Teams receiver was told about, by the card's status fact.
-fn told(teams: &common::Receiver) -> Vec<String> {
-    teams
+/// The Teams receiver was told about the gate, then the success, and nothing else.
+fn assert_told_gate_and_success(teams: &common::Receiver, run: &serde_json::Value) {
+    let told: Vec<String> = teams
         .bodies()
         .iter()
         .map(|card| {
@@ -1736,7 +1726,15 @@ fn told(teams: &common::Receiver) -> Vec<String> {
                 .unwrap_or_default()
                 .to_string()
         })
-        .collect()
+        .collect();
+    assert_eq!(
+        told,
+        [
+            format!("relink: Reset link needed for {ENV}"),
+            format!("relink: link verified for {ENV}")
+        ],
+        "{run}"
+    );
 }
 
 #[tokio::test]
@@ -1762,14 +1760,7 @@ async fn s32_the_check_of_an_awaited_reset_delivered_twice() {
     let run = a.status_json(&["--run", &run_id]).await;
     assert_eq!(run["status"], "succeeded", "{run}");
     assert_eq!(stage(&run, "reset-link")["outcome"]["checks"], 1, "{run}");
-    assert_eq!(
-        told(&teams),
-        [
-            format!("relink: Reset link needed for {ENV}"),
-            format!("relink: link verified for {ENV}")
-        ],
-        "{run}"
-    );
+    assert_told_gate_and_success(&teams, &run);
     assert_eq!(run["notices"].as_array().unwrap().len(), 2, "{run}");
     a.conclude(
         Scenario {
@@ -1819,14 +1810,7 @@ async fn s33_the_reset_happens_while_a_check_is_in_flight() {
     let run = a.status_json(&["--run", &run_id]).await;
     assert_eq!(run["status"], "succeeded", "{run}");
     assert_eq!(stage(&run, "reset-link")["outcome"]["checks"], 1, "{run}");
-    assert_eq!(
-        told(&teams),
-        [
-            format!("relink: Reset link needed for {ENV}"),
-            format!("relink: link verified for {ENV}")
-        ],
-        "{run}"
-    );
+    assert_told_gate_and_success(&teams, &run);
     a.conclude(
         Scenario {
             id: "33-reset-during-a-check",

@@ -21,6 +21,21 @@ pub struct AwsWorld {
     sns: aws_sdk_sns::Client,
 }
 
+/// Creates a Secrets Manager secret on the local stack (`name` gets a unique suffix): its ARN.
+pub async fn local_secret(name: &str, value: &str) -> String {
+    let config = relink_aws::sdk_config().await;
+    aws_sdk_secretsmanager::Client::new(&config)
+        .create_secret()
+        .name(format!("{name}-{}", ulid::Ulid::new()))
+        .secret_string(value)
+        .send()
+        .await
+        .expect("secret created on the local stack")
+        .arn()
+        .expect("arn")
+        .to_string()
+}
+
 impl AwsWorld {
     pub async fn new(spec: Spec) -> AwsWorld {
         assert!(
@@ -30,14 +45,7 @@ impl AwsWorld {
         let w = World::new(spec).await;
         let config = relink_aws::sdk_config().await;
         let id = ulid::Ulid::new().to_string().to_lowercase();
-        let secret = aws_sdk_secretsmanager::Client::new(&config)
-            .create_secret()
-            .name(format!("relink-test/{id}"))
-            .secret_string(&w.secret)
-            .send()
-            .await
-            .expect("secret created on the local stack");
-        let arn = secret.arn().expect("arn").to_string();
+        let arn = local_secret("relink-test/client", &w.secret).await;
         let text = std::fs::read_to_string(&w.config).unwrap().replace(
             &format!("client_secret = {{ env = \"{}\" }}", super::SECRET_VAR),
             &format!("client_secret = {{ secret_arn = \"{arn}\" }}"),
@@ -182,17 +190,7 @@ impl AwsWorld {
     /// simulated user in (`relink auth login ENV --for gateway`) and pushes the entry: the
     /// secret's ARN.
     pub async fn sign_in_for_gateway(&self) -> String {
-        let config = relink_aws::sdk_config().await;
-        let arn = aws_sdk_secretsmanager::Client::new(&config)
-            .create_secret()
-            .name(format!("relink-test/signin-{}", ulid::Ulid::new()))
-            .secret_string("not signed in yet")
-            .send()
-            .await
-            .unwrap()
-            .arn()
-            .unwrap()
-            .to_string();
+        let arn = local_secret("relink-test/signin", "not signed in yet").await;
         let text = std::fs::read_to_string(&self.w.config).unwrap();
         let header = format!("[environments.{}]\n", super::ENV);
         let reset = super::gateway_reset("")

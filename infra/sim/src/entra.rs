@@ -88,21 +88,28 @@ pub(crate) fn token(shared: &Shared, tenant: &str, body: &[u8]) -> Response {
             "AADSTS70011: The provided value for scope is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier.",
         );
     };
+    let (access, lifetime) = mint(&mut st, "simtok", audience, &client_id);
+    axum::Json(json!({"token_type": "Bearer", "expires_in": lifetime, "ext_expires_in": lifetime, "access_token": access})).into_response()
+}
+
+/// A new access token for `audience` (lifetime and early revocation from the faults): the token
+/// and the lifetime it is announced with.
+fn mint(st: &mut SimState, prefix: &str, audience: &str, client_id: &str) -> (String, u64) {
     let lifetime = st.faults.token_lifetime_secs;
     let accepted_for = st
         .faults
         .tokens_revoked_after_secs
         .map_or(lifetime, |r| r.min(lifetime));
-    let access = format!("simtok-{}", uuid::Uuid::new_v4().simple());
+    let access = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
     st.tokens.insert(
         access.clone(),
         Token {
             audience: audience.to_ascii_lowercase(),
             expires: Instant::now() + Duration::from_secs(accepted_for),
-            client_id,
+            client_id: client_id.to_string(),
         },
     );
-    axum::Json(json!({"token_type": "Bearer", "expires_in": lifetime, "ext_expires_in": lifetime, "access_token": access})).into_response()
+    (access, lifetime)
 }
 
 fn oauth_error(status: StatusCode, error: &str, desc: &str) -> Response {
@@ -134,20 +141,7 @@ fn user_tokens(st: &mut SimState, client_id: &str, scope: &str) -> Response {
             "AADSTS70011: The provided value for the input parameter 'scope' is not valid.",
         );
     };
-    let lifetime = st.faults.token_lifetime_secs;
-    let accepted_for = st
-        .faults
-        .tokens_revoked_after_secs
-        .map_or(lifetime, |r| r.min(lifetime));
-    let access = format!("simusr-{}", uuid::Uuid::new_v4().simple());
-    st.tokens.insert(
-        access.clone(),
-        Token {
-            audience,
-            expires: Instant::now() + Duration::from_secs(accepted_for),
-            client_id: client_id.to_string(),
-        },
-    );
+    let (access, lifetime) = mint(st, "simusr", &audience, client_id);
     let mut body = json!({"token_type": "Bearer", "scope": scope, "expires_in": lifetime, "ext_expires_in": lifetime, "access_token": access});
     if scope.split_whitespace().any(|s| s == "offline_access") {
         let refresh = format!("simrt-{}", uuid::Uuid::new_v4().simple());

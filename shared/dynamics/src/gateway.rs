@@ -122,6 +122,15 @@ fn id(v: Option<&str>, what: &str) -> Result<String> {
     }
 }
 
+/// The array at `pointer` of `v`, at most [`MAX_ITEMS`] of it (none if absent).
+fn items<'a>(v: &'a Value, pointer: &str) -> impl Iterator<Item = &'a Value> {
+    v.pointer(pointer)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .take(MAX_ITEMS)
+}
+
 fn protocol(detail: String) -> Error {
     Error::Protocol {
         service: GATEWAY.name,
@@ -205,13 +214,7 @@ impl DualWriteGateway for GatewayClient {
             })
         };
         let mut legal_entities: Vec<String> = Vec::new();
-        for m in set
-            .pointer("/dualWriteDetail/legalEntityMappings/mappings")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .take(MAX_ITEMS)
-        {
+        for m in items(&set, "/dualWriteDetail/legalEntityMappings/mappings") {
             if let Some(name) = m.pointer("/left/name").and_then(Value::as_str)
                 && !legal_entities.iter().any(|l| l == name)
             {
@@ -303,13 +306,8 @@ impl DualWriteGateway for GatewayClient {
             )
             .await?;
         let mut states = Vec::new();
-        for m in list.as_array().into_iter().flatten().take(MAX_ITEMS) {
-            for r in m
-                .pointer("/detail/lastRequests")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .take(MAX_ITEMS)
+        for m in items(&list, "") {
+            for r in items(m, "/detail/lastRequests")
                 .filter(|r| text(r, "requestId") == Some(request_id))
             {
                 states.push((
