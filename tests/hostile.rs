@@ -218,3 +218,49 @@ async fn a_dataverse_paired_with_another_fno_is_refused_before_anything_is_read_
         "F&O was not even read"
     );
 }
+
+/// The dual-write gateway lies (a redirect, an endless answer, forged text): the gateway reset
+/// ends at the manual gate within its bounds, having sent one request, never `succeeded`, and
+/// no control character of the server's reaches the terminal.
+#[tokio::test]
+async fn a_lying_gateway_ends_at_the_manual_gate() {
+    for (lie, said) in [
+        (Lie::Redirect, "redirect"),
+        (Lie::EndlessAnswer, "larger than"),
+        (Lie::ForgedText, "run succeeded"),
+    ] {
+        let (base, count) = hostile(lie).await;
+        let w = World::new(Spec {
+            uat_rows: 10,
+            project_configs: 3,
+            registry_extra: common::gateway_reset("").replace("{sim}/gateway", &base),
+            ..Spec::default()
+        })
+        .await;
+        assert_eq!(
+            w.relink(&["auth", "login", ENV, "--for", "gateway"])
+                .await
+                .code,
+            0
+        );
+        let out = tokio::time::timeout(Duration::from_secs(60), w.relink(&["run", ENV, "--json"]))
+            .await
+            .expect("relink ends within a minute whatever the gateway does");
+        assert_eq!(out.code, 3, "{out:?}");
+        let run = out.json();
+        assert_eq!(run["status"], "awaiting-confirmation", "{run}");
+        let instructions = run["instructions"].as_str().unwrap();
+        assert!(instructions.contains(said), "{instructions}");
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            1,
+            "one request, not followed nor retried"
+        );
+        for text in [&out.stdout, &out.stderr] {
+            assert!(
+                !text.contains('\u{1b}') && !text.contains('\u{7}'),
+                "control characters from the gateway reached the terminal: {text:?}"
+            );
+        }
+    }
+}

@@ -78,8 +78,11 @@ pub async fn login(
                     Target::Gateway => "the dual-write gateway",
                     Target::Lcs => "LCS",
                 },
-                code.verification_uri,
-                code.user_code
+                // What the server sent, shown without its control characters.
+                crate::display::printable(
+                    &code.verification_uri.chars().take(300).collect::<String>()
+                ),
+                crate::display::printable(&code.user_code.chars().take(50).collect::<String>())
             );
             eprintln!("waiting for the sign-in to complete (Ctrl-C to give up)...");
         },
