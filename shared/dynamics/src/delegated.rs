@@ -16,7 +16,7 @@ use url::Url;
 use super::{Http, Service, read_body};
 use relink_core::error::{Error, Result};
 use relink_core::ports::{SecretStore, TokenSource};
-use relink_core::registry::{DelegatedToken, Secret, SecretSource, join};
+use relink_core::registry::{DelegatedToken, Secret, join};
 
 const SIGN_IN: Service = Service {
     name: "Entra ID (user sign-in)",
@@ -266,11 +266,6 @@ impl DelegatedTokens {
             answer.access_token,
             Duration::from_secs(answer.expires_in).min(MAX_LIFETIME),
         ))
-    }
-
-    /// The store the sign-in is kept in.
-    pub fn store(&self) -> &SecretSource {
-        &self.token.store
     }
 }
 

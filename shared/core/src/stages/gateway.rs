@@ -69,7 +69,7 @@ pub async fn gateway_reset(
             report.outcome = outcome(verified);
             Ok(report)
         }
-        Err(Stop::Store(e)) => Err(e),
+        Err(Stop::Raise(e)) => Err(e),
         Err(Stop::Failed(f)) => {
             let why = format!(
                 "the Reset through the dual-write gateway did not complete: {}",
@@ -100,8 +100,9 @@ pub async fn gateway_reset(
 }
 
 enum Stop {
-    /// The store failed: the event is retried as any stage's would be.
-    Store(Error),
+    /// The store failed (the event is retried as any stage's would be), or a guard refused (the
+    /// run is refused): not the gateway's doing.
+    Raise(Error),
     /// The gateway path failed: on_failure decides.
     Failed(Failure),
 }
@@ -112,10 +113,13 @@ impl From<Failure> for Stop {
     }
 }
 
-/// Gateway and token errors are the gateway path's failures; the store's are retried.
+/// Gateway and sign-in errors are the gateway path's failures; the store's and the guards' are
+/// raised as in any stage.
 fn gw<T>(r: Result<T>) -> std::result::Result<T, Stop> {
     r.map_err(|e| match e {
-        Error::Store { .. } | Error::Conflict(_) | Error::LockHeld { .. } => Stop::Store(e),
+        Error::Store { .. } | Error::Conflict(_) | Error::LockHeld { .. } | Error::Refused(_) => {
+            Stop::Raise(e)
+        }
         other => Stop::Failed(other.into()),
     })
 }
