@@ -422,10 +422,11 @@ fn binary(lambda_dir: &Path, arch: &str, name: &str) -> PathBuf {
 
 fn size_section(lambda_dir: &Path) -> Result<String> {
     let mut rows = String::new();
-    let mut worst: f64 = 0.0;
+    // The largest function per architecture: x86_64, arm64.
+    let mut worst = [0.0f64; 2];
     for name in FUNCTIONS.iter().chain([&HELLO]) {
         let mut cells = Vec::new();
-        for arch in ["x86_64", "arm64"] {
+        for (i, arch) in ["x86_64", "arm64"].into_iter().enumerate() {
             let path = binary(lambda_dir, arch, name);
             let bytes = std::fs::metadata(&path)
                 .with_context(|| {
@@ -437,7 +438,7 @@ fn size_section(lambda_dir: &Path) -> Result<String> {
                 .len();
             let mb = bytes as f64 / 1_000_000.0;
             if *name != HELLO {
-                worst = worst.max(mb);
+                worst[i] = worst[i].max(mb);
             }
             cells.push(format!("{mb:.2} MB"));
         }
@@ -445,9 +446,11 @@ fn size_section(lambda_dir: &Path) -> Result<String> {
     }
     Ok(format!(
         "## Binary size\n\n\
-         Stripped release binaries (`bootstrap`), as deployed. Target: at most {SIZE_TARGET_MB} MB each. Largest function: \
-         **{worst:.2} MB**.\n\n\
-         | binary | x86_64 | arm64 |\n| --- | ---: | ---: |\n{rows}\n"
+         Stripped release binaries (`bootstrap`). Target: at most {SIZE_TARGET_MB} MB each on arm64, the architecture \
+         the template deploys. Largest function: **{arm:.2} MB** on arm64 ({x86:.2} MB on x86_64).\n\n\
+         | binary | x86_64 | arm64 |\n| --- | ---: | ---: |\n{rows}\n",
+        x86 = worst[0],
+        arm = worst[1],
     ))
 }
 
