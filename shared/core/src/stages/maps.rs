@@ -67,14 +67,14 @@ impl Maps {
             self.more = true;
             return;
         }
+        // The listed names are the first MAX_LISTED in order: only a name that sorts among them
+        // changes the list (rows come in key order, so past the first MAX_LISTED almost none do).
+        let listed = self.names.len() < MAX_LISTED || self.names.last().is_some_and(|l| name < *l);
         self.all.insert(name);
         self.count = self.all.len();
-        self.names = self
-            .all
-            .iter()
-            .take(MAX_LISTED)
-            .cloned()
-            .collect::<Vec<_>>();
+        if listed {
+            self.names = self.all.iter().take(MAX_LISTED).cloned().collect();
+        }
         self.more |= self.all.len() > MAX_LISTED;
     }
 
