@@ -1885,3 +1885,38 @@ async fn s35_killed_between_asking_for_the_reset_and_its_end() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn s36_a_handler_panics_and_the_worker_goes_on() {
+    let (a, rows) = world(Spec::default()).await;
+    let run_id = a.inject(ENV).await;
+    // The purge-keys handler panics once, after recording its stage and before sending the next
+    // event: as the Lambda runtime does, the worker fails that invocation, keeps polling, and
+    // the message comes back after its visibility timeout.
+    let worker = a.worker_with(
+        &[],
+        &[("RELINK_FAILPOINT", "panic-once:stage-recorded:purge-keys")],
+    );
+    wait_exit(worker).await;
+    let logs = a.logs();
+    assert_eq!(
+        logs.matches("the handler panicked").count(),
+        1,
+        "the panic was caught and logged once"
+    );
+    let run = a.status_json(&["--run", &run_id]).await;
+    assert_eq!(stage(&run, "purge-keys")["attempts"], 1, "{run}");
+    a.conclude(
+        Scenario {
+            id: "36-a-handler-panics",
+            title: "A stage handler panics",
+            injected: "the purge-keys handler panics once, after recording its stage and before sending the next event (failpoint panic-once)",
+            runs: awaiting(&run_id),
+            rows_expected: rows,
+            kept_rows: 0,
+            also_secret: vec![],
+        },
+        "the worker caught the panic as the Lambda runtime does (one invocation failed, logged), kept polling every queue; the message came back and sent the missing next event: the run reached the gate with purge-keys run once",
+    )
+    .await;
+}

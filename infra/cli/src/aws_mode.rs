@@ -353,10 +353,13 @@ impl Aws {
         tokio::select! {
             _ = idle => eprintln!("worker: queues idle, exiting"),
             _ = shutdown_signal() => eprintln!("worker: stopping"),
+            // A poller never returns and catches its handler's panics: if one ends anyway, the
+            // worker must not exit 0 with a stage left unpolled.
             Some(res) = pollers.join_next() => {
-                if let Ok(Err(e)) = res {
-                    return Err(e);
-                }
+                let why = res.err().map(|e| e.to_string()).unwrap_or_default();
+                eprintln!("worker: a queue poller stopped ({why}); exiting so that a supervisor restarts the worker");
+                pollers.abort_all();
+                return Ok(crate::exit::FAILED);
             }
         }
         pollers.abort_all();
@@ -432,7 +435,8 @@ struct Poller {
 }
 
 impl Poller {
-    async fn run(&self) -> Result<()> {
+    /// Polls until the worker stops: never returns.
+    async fn run(&self) -> std::convert::Infallible {
         loop {
             let received = self
                 .sqs
@@ -457,10 +461,9 @@ impl Poller {
                 continue;
             }
             self.busy.fetch_add(1, Ordering::SeqCst);
-            let result = self.process(messages).await;
+            self.process(messages).await;
             *self.last_work.lock().expect("lock") = Instant::now();
             self.busy.fetch_sub(1, Ordering::SeqCst);
-            result?;
         }
     }
 
@@ -471,27 +474,48 @@ impl Poller {
         ctx
     }
 
-    async fn process(&self, messages: Vec<aws_sdk_sqs::types::Message>) -> Result<()> {
+    /// One invocation of the handler, as Lambda's runtime makes it: the ids of the messages that
+    /// failed, every one of them if the handler returned an error or panicked (the runtime
+    /// reports an invocation error then, and the whole batch comes back after its visibility
+    /// timeout). A panic ends neither the worker nor the other stages' pollers.
+    async fn invoke(&self, event: SqsEvent) -> Vec<String> {
+        use futures::FutureExt;
+        let all: Vec<String> = event
+            .records
+            .iter()
+            .filter_map(|r| r.message_id.clone())
+            .collect();
+        let call = handle_batch(&self.deps, LambdaEvent::new(event, self.context()));
+        match std::panic::AssertUnwindSafe(call).catch_unwind().await {
+            Ok(Ok(response)) => response
+                .batch_item_failures
+                .into_iter()
+                .map(|f| f.item_identifier)
+                .collect(),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, queue = %self.url, "the handler failed the invocation; the batch comes back after the visibility timeout");
+                all
+            }
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(panic = %what, queue = %self.url, "the handler panicked; the batch comes back after the visibility timeout");
+                all
+            }
+        }
+    }
+
+    async fn process(&self, messages: Vec<aws_sdk_sqs::types::Message>) {
         let mut event = SqsEvent::default();
         event.records = messages.iter().map(to_lambda_record).collect();
         let failed: Vec<String> = if self.opts.deliver_twice {
-            let (a, b) = tokio::join!(
-                handle_batch(&self.deps, LambdaEvent::new(event.clone(), self.context())),
-                handle_batch(&self.deps, LambdaEvent::new(event, self.context()))
-            );
-            [a, b]
-                .into_iter()
-                .flat_map(|r| r.map(|r| r.batch_item_failures).unwrap_or_default())
-                .map(|f| f.item_identifier)
-                .collect()
+            let (a, b) = tokio::join!(self.invoke(event.clone()), self.invoke(event));
+            a.into_iter().chain(b).collect()
         } else {
-            handle_batch(&self.deps, LambdaEvent::new(event, self.context()))
-                .await
-                .map(|r| r.batch_item_failures)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|f| f.item_identifier)
-                .collect()
+            self.invoke(event).await
         };
         // As with ReportBatchItemFailures: delete what succeeded; failures reappear after the
         // visibility timeout and move to the dead-letter queue after maxReceiveCount.
@@ -507,25 +531,30 @@ impl Poller {
                     .expect("set")
             })
             .collect();
-        if !done.is_empty() {
-            self.sqs
-                .delete_message_batch()
-                .queue_url(&self.url)
-                .set_entries(Some(done))
-                .send()
-                .await
-                .map_err(|e| {
-                    Error::store(format!(
-                        "SQS DeleteMessageBatch: {}",
-                        relink_aws::sdk_error(&e)
-                    ))
-                })?;
+        if done.is_empty() {
+            return;
         }
-        Ok(())
+        // A message not deleted comes back after its visibility timeout, and the handler knows
+        // a delivery it has already done: a failed delete costs a redelivery, not the worker.
+        match self
+            .sqs
+            .delete_message_batch()
+            .queue_url(&self.url)
+            .set_entries(Some(done))
+            .send()
+            .await
+        {
+            Ok(out) if !out.failed().is_empty() => {
+                tracing::warn!(failed = out.failed().len(), queue = %self.url, "SQS kept some handled messages; they come back and are recognised as done");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %relink_aws::sdk_error(&e), queue = %self.url, "SQS DeleteMessageBatch failed; the messages come back and are recognised as done");
+            }
+        }
     }
 }
 
-/// An SQS message as Lambda's event source mapping hands it to a function.
 fn to_lambda_record(m: &aws_sdk_sqs::types::Message) -> SqsMessage {
     let mut r = SqsMessage::default();
     r.message_id = m.message_id().map(str::to_string);

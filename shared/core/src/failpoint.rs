@@ -10,6 +10,8 @@
 //! when it gets there (after a warning in the log): no thread runs on, so nothing else the
 //! process was doing moves past that instant. `ps` shows it stopped (`T`); SIGKILL then
 //! simulates a crash exactly there, SIGCONT lets it go on. Unset, a point costs one comparison.
+//! Prefixed with `panic-once:` (`panic-once:stage-recorded:purge-keys`), the first task to get
+//! there panics instead, and later ones pass: a handler's bug, for the host to survive.
 //! Points:
 //!
 //! - `stage-recorded:STAGE`: the stage's outcome is stored; the next event is not yet sent.
@@ -32,10 +34,21 @@ static ARMED: std::sync::LazyLock<Option<String>> = std::sync::LazyLock::new(|| 
 /// Stops the process if `point:detail` is the armed failpoint.
 #[cfg(feature = "failpoints")]
 pub fn point(point: &str, detail: impl std::fmt::Display) {
+    static PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let Some(armed) = ARMED.as_deref() else {
         return;
     };
-    if armed.strip_prefix(point).and_then(|r| r.strip_prefix(':')) != Some(&detail.to_string()) {
+    let (panics, name) = match armed.strip_prefix("panic-once:") {
+        Some(name) => (true, name),
+        None => (false, armed),
+    };
+    if name.strip_prefix(point).and_then(|r| r.strip_prefix(':')) != Some(&detail.to_string()) {
+        return;
+    }
+    if panics {
+        if !PANICKED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            panic!("failpoint {name} reached: panicking once");
+        }
         return;
     }
     tracing::warn!(
