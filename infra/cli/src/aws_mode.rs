@@ -502,6 +502,8 @@ impl Poller {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_default();
+                let what =
+                    relink_core::redact::printable(&what.chars().take(500).collect::<String>());
                 tracing::error!(panic = %what, queue = %self.url, "the handler panicked; the batch comes back after the visibility timeout");
                 all
             }

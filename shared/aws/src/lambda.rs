@@ -89,17 +89,23 @@ pub async fn handle_batch(
         function_version = %std::env::var("AWS_LAMBDA_FUNCTION_VERSION").unwrap_or_default(),
         cold_start = COLD.swap(false, std::sync::atomic::Ordering::Relaxed),
     );
-    let _entered = invocation.enter();
-    for record in &event.records {
-        let message_id = record.message_id.clone().unwrap_or_default();
-        let span = tracing::info_span!("record", message_id = %message_id, stage = %deps.stage, run_id = tracing::field::Empty, environment_id = tracing::field::Empty);
-        if handle_record(deps, &ctx, record).instrument(span).await == Disposition::Retry {
-            let mut failure = BatchItemFailure::default();
-            failure.item_identifier = message_id;
-            response.batch_item_failures.push(failure);
+    // Instrumented, not entered: a guard held across an await would leave the span on the stack
+    // of whichever thread the task last ran on, and tracing's registry then mixes up (and can
+    // panic over) the parents of later spans.
+    async {
+        for record in &event.records {
+            let message_id = record.message_id.clone().unwrap_or_default();
+            let span = tracing::info_span!("record", message_id = %message_id, stage = %deps.stage, run_id = tracing::field::Empty, environment_id = tracing::field::Empty);
+            if handle_record(deps, &ctx, record).instrument(span).await == Disposition::Retry {
+                let mut failure = BatchItemFailure::default();
+                failure.item_identifier = message_id;
+                response.batch_item_failures.push(failure);
+            }
         }
+        Ok(response)
     }
-    Ok(response)
+    .instrument(invocation)
+    .await
 }
 
 /// Handles one record; never fails the batch.
