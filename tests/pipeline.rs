@@ -625,6 +625,47 @@ async fn verify_settings_are_validated() {
     assert!(out.stderr.contains("every_seconds"), "{out:?}");
 }
 
+/// A channel that takes the request and never answers (a hostile or hung receiver) is given up
+/// within its bound and recorded, while the other channels are told at once: it cannot hold the
+/// stage past a function's timeout.
+#[tokio::test]
+async fn a_channel_that_never_answers_is_given_up_and_recorded() {
+    use common::Receiver;
+    let teams = Receiver::silent().await;
+    let slack = Receiver::start(200).await;
+    let w = World::new(Spec {
+        uat_rows: 5,
+        project_configs: 2,
+        registry_extra:
+            "notify = { teams = { env = \"RELINK_T\" }, slack = { env = \"RELINK_S\" } }".into(),
+        ..Spec::default()
+    })
+    .await;
+    let mut cmd = w.command(&["run", ENV]);
+    cmd.envs([("RELINK_T", &teams.url), ("RELINK_S", &slack.url)]);
+    let out = tokio::time::timeout(std::time::Duration::from_secs(90), cmd.output())
+        .await
+        .expect("a silent channel does not hold the run")
+        .unwrap();
+    let out = w.finish(out);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert_eq!(slack.requests().len(), 1, "the other channel was told");
+    assert_eq!(
+        teams.requests().len(),
+        2,
+        "two attempts fit in the channel's 20 s"
+    );
+    let status = w.status().await;
+    let deliveries = status["notices"][0]["deliveries"].to_string();
+    assert!(
+        deliveries.contains("no answer in time")
+            && deliveries.contains("after 2 attempts")
+            && deliveries.contains(r#""channel":"slack","result":"sent""#)
+            && !deliveries.contains(&teams.url),
+        "{deliveries}"
+    );
+}
+
 /// The gate and the end of a run are told to every configured channel once each, in each
 /// channel's shape, signed where it is a generic webhook, with no secret in any payload; a dead
 /// channel is retried and recorded on the run, and the run ends as it would without it.

@@ -359,6 +359,12 @@ pub struct Receiver {
 }
 
 impl Receiver {
+    /// A receiver that takes each request and never answers, holding the connection open.
+    pub async fn silent() -> Receiver {
+        Receiver::start(0).await
+    }
+
+    /// A receiver answering `status` (0: never answering).
     pub async fn start(status: u16) -> Receiver {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -406,6 +412,10 @@ impl Receiver {
                     seen.lock()
                         .unwrap()
                         .push((headers, buf[head_end..head_end + len].to_vec()));
+                    if status == 0 {
+                        let _held = socket;
+                        return std::future::pending().await;
+                    }
                     let reply = format!(
                         "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
                     );

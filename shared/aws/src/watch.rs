@@ -395,6 +395,8 @@ impl Watcher {
                     .get("ErrorMessage")
                     .and_then(Value::as_str)
                     .unwrap_or("no message");
+                let why =
+                    relink_core::redact::printable(&why.chars().take(300).collect::<String>());
                 return Err(Error::Unavailable {
                     service: LCS.name,
                     attempts: 1,

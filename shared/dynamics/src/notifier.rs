@@ -7,7 +7,10 @@
 //! on loopback with `allow_insecure_http`), and never appears in a log, an error or a record
 //! (errors are reported without it). Each channel gets up to three attempts (429, 408 and 5xx
 //! and network errors are retried, at most 10 s apart); a channel that still fails is reported
-//! to the caller, which records it on the run.
+//! to the caller, which records it on the run. A receiver that holds the connection open without
+//! answering must not hold the stage past its function's timeout: the channels are posted to
+//! concurrently, an attempt waits at most 10 s for its answer, and a channel's attempts end
+//! within 20 s together.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +28,10 @@ use relink_core::registry::{EnvConfig, SecretSource};
 const ATTEMPTS: u32 = 3;
 /// Longest wait between two attempts, whatever `Retry-After` says.
 const MAX_WAIT: Duration = Duration::from_secs(10);
+/// Longest one attempt waits for the channel's answer.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest all the attempts at one channel take together.
+const CHANNEL_BUDGET: Duration = Duration::from_secs(20);
 /// A generic webhook's signing key is at least this long (as for notifications into relink).
 const MIN_KEY_BYTES: usize = 32;
 
@@ -90,11 +97,20 @@ impl WebhookNotifier {
             }
             _ => None,
         };
+        let started = tokio::time::Instant::now();
         let mut last = String::new();
+        let mut tried = 0;
         for attempt in 1..=ATTEMPTS {
+            let left = CHANNEL_BUDGET.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            tried = attempt;
+            let timeout = ATTEMPT_TIMEOUT.min(left);
             let mut request = self
                 .client
                 .post(url.clone())
+                .timeout(timeout)
                 .header(CONTENT_TYPE, "application/json")
                 .body(body.clone());
             if let Some(key) = &key {
@@ -121,13 +137,24 @@ impl WebhookNotifier {
                         wait = after;
                     }
                 }
+                Err(e) if e.is_timeout() => {
+                    last = format!(
+                        "no answer in time ({} s per attempt, {} s per channel)",
+                        ATTEMPT_TIMEOUT.as_secs(),
+                        CHANNEL_BUDGET.as_secs()
+                    );
+                }
                 Err(e) => last = relink_core::error::chain(&e.without_url()),
             }
-            if attempt < ATTEMPTS {
-                tokio::time::sleep(wait.min(MAX_WAIT)).await;
+            let wait = wait.min(MAX_WAIT);
+            if attempt < ATTEMPTS && started.elapsed() + wait < CHANNEL_BUDGET {
+                tokio::time::sleep(wait).await;
+            } else {
+                break;
             }
         }
-        Err(format!("{last} after {ATTEMPTS} attempts"))
+        let plural = if tried == 1 { "" } else { "s" };
+        Err(format!("{last} after {tried} attempt{plural}"))
     }
 }
 
@@ -135,22 +162,24 @@ impl WebhookNotifier {
 impl Notifier for WebhookNotifier {
     async fn send(&self, env: &EnvConfig, notice: &Notice) -> Vec<Delivery> {
         let n = &env.notify;
-        let mut out = Vec::new();
-        for (channel, source) in [
+        let posts = [
             ("teams", &n.teams),
             ("slack", &n.slack),
             ("webhook", &n.webhook),
-        ] {
-            let Some(source) = source else { continue };
+        ]
+        .into_iter()
+        .filter_map(|(channel, source)| Some((channel, source.as_ref()?)))
+        .map(|(channel, source)| async move {
             let result = match self.post(env, channel, source, notice).await {
                 Ok(()) => "sent".to_string(),
                 Err(why) => why,
             };
-            out.push(Delivery {
+            Delivery {
                 channel: channel.to_string(),
                 result,
-            });
-        }
+            }
+        });
+        let mut out = futures::future::join_all(posts).await;
         if n.sns {
             // Only AWS mode has a topic; its notifier publishes there and asks this one for the rest.
             out.push(Delivery {
