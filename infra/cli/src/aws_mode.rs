@@ -557,6 +557,7 @@ impl Poller {
     }
 }
 
+/// An SQS message as Lambda's event source mapping hands it to a function.
 fn to_lambda_record(m: &aws_sdk_sqs::types::Message) -> SqsMessage {
     let mut r = SqsMessage::default();
     r.message_id = m.message_id().map(str::to_string);
